@@ -1,0 +1,91 @@
+"""The small public front: load, init, save and run a model. The core stays functional underneath."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import jax
+
+from polm_jax import parallel
+from polm_jax.config import DEFAULT_RULES, ModelSection
+from polm_jax.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from polm_jax.errors import CheckpointError
+from polm_jax.models import hf, polm_checkpoint
+from polm_jax.models.config import ModelConfig
+from polm_jax.models.presets import get_preset
+from polm_jax.models.transformer import init_params, param_logical_axes, param_shapes
+
+
+@dataclass
+class Model:
+    """A model: its architecture, its params (a plain nested dict of arrays) and, if it has one, its tokenizer."""
+
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer | None = None
+
+
+def param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh, rules: dict | None = None):
+    """NamedShardings for the params of `config` on `mesh` under logical axis `rules`."""
+    return parallel.shardings(param_logical_axes(config), param_shapes(config), mesh, rules or DEFAULT_RULES)
+
+
+def _with_dtypes(config: ModelConfig, dtype, param_dtype, changes) -> ModelConfig:
+    extra = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    return config.replace(**changes, **extra) if (changes or extra) else config
+
+
+def init(preset: str | ModelConfig, seed: int = 0, *, mesh=None, rules=None, dtype=None, param_dtype=None,
+         **changes) -> Model:
+    """A randomly initialised model from a preset name (or a ModelConfig), created directly sharded on `mesh`."""
+    config = get_preset(preset) if isinstance(preset, str) else preset
+    config = _with_dtypes(config, dtype, param_dtype, changes)
+    shardings = None if mesh is None else param_shardings(config, mesh, rules)
+    params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(config, jax.random.key(seed))
+    return Model(config, params)
+
+
+def load(path: str, *, mesh=None, rules=None, dtype=None, param_dtype=None, **changes) -> Model:
+    """A model from a Hugging Face folder or a polm checkpoint, each tensor placed with its sharding on `mesh`.
+
+    `dtype`/`param_dtype` override the checkpoint's; `changes` set other runtime fields (e.g. remat="full").
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such folder")
+    native = polm_checkpoint.is_polm_checkpoint(path)
+    config = polm_checkpoint.read_config(path) if native else hf.config_from_hf(hf.read_hf_config(path),
+                                                                               os.path.join(path, "config.json"))
+    config = _with_dtypes(config, dtype, param_dtype, changes)
+    shardings = None if mesh is None else param_shardings(config, mesh, rules)
+    if native:
+        params = polm_checkpoint.load_params(path, config, shardings)
+        tok_dir = os.path.join(path, polm_checkpoint.TOKENIZER_DIR)
+    else:
+        params, tok_dir = hf.load_hf_params(path, config, shardings), path
+    return Model(config, params, load_tokenizer(tok_dir) if has_tokenizer(tok_dir) else None)
+
+
+def save_hf(model: Model, folder: str, max_shard_bytes: int = 4 << 30):
+    """Writes a folder `transformers` loads: config.json, safetensors (sharded past the limit), tokenizer files."""
+    hf.save_hf_params(folder, model.config, model.params, max_shard_bytes)
+    if model.tokenizer is not None:
+        model.tokenizer.save(folder)
+
+
+def save(model: Model, folder: str):
+    """Writes a polm checkpoint (orbax params, model config, tokenizer files); `load` reads it back."""
+    polm_checkpoint.save_params(folder, model.config, model.params)
+    if model.tokenizer is not None:
+        model.tokenizer.save(os.path.join(folder, polm_checkpoint.TOKENIZER_DIR))
+
+
+def from_section(section: ModelSection, *, seed: int = 0, mesh=None, rules=None) -> Model:
+    """The model a config's `model:` section names: loaded from `path`, else initialised from `preset`."""
+    runtime = {k: getattr(section, k) for k in ("dtype", "param_dtype", "remat", "attention_impl")}
+    changes = {**section.overrides, **{k: v for k, v in runtime.items() if v is not None}}
+    if section.path:
+        return load(section.path, mesh=mesh, rules=rules, **changes)
+    if not section.preset:
+        raise CheckpointError("model: set model.path (a HF folder or polm checkpoint) or model.preset")
+    return init(section.preset, seed, mesh=mesh, rules=rules, **changes)

@@ -1,0 +1,125 @@
+"""The `polm` command: `info` and `convert` (later: sft, dpo, rm, rl, generate, eval, plan, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+from polm_jax import api, parallel
+from polm_jax.config import Config, load_config
+from polm_jax.errors import PolmError
+from polm_jax.models import polm_checkpoint
+from polm_jax.models.transformer import forward
+
+
+def _add_config_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="a YAML config (see configs/)")
+    p.add_argument("--model", help="shorthand for model.path=...: a Hugging Face folder or a polm checkpoint")
+    p.add_argument("--preset", help="shorthand for model.preset=... (e.g. tiny-llama, qwen3-0.6b)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mesh.fsdp=4")
+
+
+def _config(args) -> Config:
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    if args.preset:
+        overrides += [f"model.preset={args.preset}", "model.path=null"]
+    return load_config(Config, args.config, overrides)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def cmd_info(args) -> None:
+    """Builds the configured model on the mesh, prints its architecture and sharding, and times a forward pass."""
+    cfg = _config(args)
+    mesh = parallel.mesh_from_config(cfg.mesh)
+    t0 = time.perf_counter()
+    model = api.from_section(cfg.model, seed=cfg.seed, mesh=mesh, rules=cfg.mesh.rules)
+    jax.block_until_ready(model.params)
+    mc = model.config
+    leaves = jax.tree.leaves(model.params)
+    total = sum(x.size for x in leaves)
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+    print(f"model      {cfg.model.path or cfg.model.preset} ({mc.family}), built in {time.perf_counter() - t0:.1f}s")
+    print(f"layers     {mc.num_layers} x (hidden {mc.hidden_size}, heads {mc.num_heads}/{mc.num_kv_heads} x "
+          f"{mc.head_dim}, mlp {mc.intermediate_size}), vocab {mc.vocab_size}, max positions "
+          f"{mc.max_position_embeddings}")
+    print(f"params     {total / 1e6:.2f}M in {mc.param_dtype}, compute {mc.dtype}, remat {mc.remat}; "
+          f"{_bytes(sum(x.nbytes for x in leaves))} total, {_bytes(per_device)} on device 0")
+    print(f"mesh       {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} device(s)")
+    print(f"tokenizer  {type(model.tokenizer).__name__ if model.tokenizer else 'none'}")
+    if args.batch and args.seq_len:
+        _time_forward(model, mesh, cfg, args.batch, min(args.seq_len, mc.max_position_embeddings))
+
+
+def _time_forward(model: api.Model, mesh, cfg: Config, batch: int, length: int, repeats: int = 3) -> None:
+    tokens = np.random.default_rng(cfg.seed).integers(0, model.config.vocab_size, (batch, length), np.int32)
+    spec = parallel.mesh_spec(jax.sharding.PartitionSpec("batch", None), tokens.shape, mesh, cfg.mesh.rules)
+    tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, spec))
+    with parallel.activation_sharding(mesh, cfg.mesh.rules):
+        t0 = time.perf_counter()
+        logits = jax.block_until_ready(forward(model.config, model.params, tokens))
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            logits = jax.block_until_ready(forward(model.config, model.params, tokens))
+    step = (time.perf_counter() - t0) / repeats
+    print(f"forward    [{batch}, {length}] -> {tuple(logits.shape)}: first call {compile_s:.2f}s, then "
+          f"{step * 1e3:.1f} ms ({batch * length / step:,.0f} tokens/s)")
+
+
+def cmd_convert(args) -> None:
+    """HF folder -> polm (orbax) checkpoint, or polm checkpoint -> HF folder; the direction follows the source."""
+    changes = {"param_dtype": args.dtype} if args.dtype else {}
+    t0 = time.perf_counter()
+    model = api.load(args.src, **changes)
+    if polm_checkpoint.is_polm_checkpoint(args.src):
+        api.save_hf(model, args.dst)
+        kind = "Hugging Face folder"
+    else:
+        api.save(model, args.dst)
+        kind = "polm checkpoint"
+    n = sum(x.size for x in jax.tree.leaves(model.params))
+    print(json.dumps({"converted": args.src, "to": args.dst, "format": kind, "params": int(n),
+                      "param_dtype": model.config.param_dtype, "seconds": round(time.perf_counter() - t0, 2)}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polm", description="polm-jax: post-training for LLMs in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="build a model on the mesh, show its size and sharding, time a forward")
+    _add_config_args(info)
+    info.add_argument("--batch", type=int, default=8, help="batch of the timed forward (0 to skip)")
+    info.add_argument("--seq-len", type=int, default=128, help="sequence length of the timed forward")
+    info.set_defaults(func=cmd_info)
+    convert = sub.add_parser("convert", help="HF folder <-> polm (orbax) checkpoint")
+    convert.add_argument("src", help="a Hugging Face folder, or a polm checkpoint (then the output is HF)")
+    convert.add_argument("dst", help="the output folder")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="param dtype to store")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PolmError as e:
+        print(f"polm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Typed dataclass configs: YAML files plus dotted command-line overrides, every key and type checked.
+
+    cfg = load_config(Config, "configs/tiny.yaml", ["optim.lr=1e-5", "mesh.rules.embed=[fsdp]"])
+
+The machinery is generic over any tree of dataclasses; the sections at the bottom are polm's.
+Errors are `ConfigError`s naming the dotted key and where its value came from (file and line, or
+the override). A section may define `validate(self)` raising `ConfigError("field: problem")`;
+the field name at the start of the message gets the section prefix and the field's location.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import reprlib
+from dataclasses import MISSING, dataclass, field, is_dataclass
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from polm_jax.errors import ConfigError
+
+_Path = tuple  # a path into the config: str keys and int list indices
+_Where = Callable[[_Path], str]  # path -> where its value came from
+_CONTAINERS = {list: list, tuple: (list, tuple), dict: dict}  # container type -> accepted value types
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` (no dot) as a float, as YAML 1.2 does."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings like `1e-5`, so `_Loader` reads them back as strings."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)[eE][-+]?\d+$"),
+        list("-+.0123456789"),
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Reads the YAML file at `path` (if any), applies `dotted.key=value` overrides, builds `cls`.
+
+    An override reaching into a dict field the file does not set edits the field's default
+    (`mesh.rules.embed=[fsdp]` changes one rule); a dict given in the file replaces the default.
+    """
+    data, origins = _read_yaml(path) if path is not None else ({}, {})
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _seed_dict_defaults(cls, data, keys)
+        _set(data, keys, value, text)
+        origins = {p: o for p, o in origins.items() if p[: len(keys)] != keys}
+        origins[keys] = f"override {text!r}"
+    return _build(cls, data, (), _locator(origins, str(path) if path is not None else "command line"))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Returns a copy of `data` with each `dotted.key=value` set (value parsed as YAML; dicts created as needed)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        _set(data, *_parse_override(text), text)
+    return data
+
+
+def from_dict(cls: type, data: dict, *, source: str = "<dict>") -> Any:
+    """Builds dataclass `cls` (nested) from plain dicts, checking keys and types; errors start with `source`."""
+    return _build(cls, data, (), _locator({}, source))
+
+
+def to_dict(cfg: Any) -> Any:
+    """The config as plain dicts, lists and scalars (tuples become lists), ready for YAML or JSON."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The config as YAML text, fields in declaration order; `load_config` reads it back equal."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_yaml(path: str | Path) -> tuple[dict, dict[_Path, str]]:
+    """Parses a YAML file into (data, origins): origins maps each key path to 'file line N'."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {_problem(e)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        got = type(data).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (key: value), got {got}")
+    origins: dict[_Path, str] = {}
+    _record_lines(node, (), str(path), origins)
+    return data, origins
+
+
+def _record_lines(node: yaml.Node, path: _Path, file: str, origins: dict[_Path, str]) -> None:
+    """Records 'file line N' for every key and list item under `node`; a repeated key is an error."""
+    if isinstance(node, yaml.MappingNode):
+        items = [(path + (str(k.value),), k, v) for k, v in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        items = [(path + (i,), v, v) for i, v in enumerate(node.value)]
+    else:
+        return
+    for sub, mark_node, value in items:
+        where = f"{file} line {mark_node.start_mark.line + 1}"
+        if sub in origins:
+            raise ConfigError(f"{where}: duplicate key '{_dotted(sub)}' (first at {origins[sub]})")
+        origins[sub] = where
+        _record_lines(value, sub, file, origins)
+
+
+def _parse_override(text: str) -> tuple[_Path, Any]:
+    """Splits `dotted.key=value` into the key path and the YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    keys = tuple(key.strip().split("."))
+    if not sep or not all(keys):
+        form = "expected the form dotted.key=value, e.g. optim.lr=1e-5 or mesh.rules.embed=[fsdp]"
+        raise ConfigError(f"override {text!r}: {form}")
+    try:
+        return keys, yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {_problem(e)}") from None
+
+
+def _set(data: dict, keys: _Path, value: Any, text: str) -> None:
+    """Sets data[k0][k1]...[kn] = value, creating dicts for absent or empty (None) levels."""
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            got = f"'{_dotted(keys[: i + 1])}' is {type(node).__name__} {reprlib.repr(node)}"
+            raise ConfigError(f"override {text!r}: cannot set '{_dotted(keys)}': {got}, not a mapping")
+    node[keys[-1]] = value
+
+
+def _seed_dict_defaults(cls: type, data: dict, keys: _Path) -> None:
+    """Copies into `data` the default of a dict field that `keys` reaches into, so the override edits it."""
+    for key in keys[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if is_dataclass(cls) else {}
+        if key not in fields or not isinstance(data, dict):
+            return
+        tp = _strip_none(get_type_hints(cls)[key])
+        if data.get(key) is None:
+            default = to_dict(_default(fields[key])) if get_origin(tp) is dict else None
+            data[key] = default or {}
+        data, cls = data.get(key), tp
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _build(cls: type, data: Any, path: _Path, where: _Where) -> Any:
+    """Builds dataclass `cls` from the mapping `data` found at `path`, then runs its `validate()`."""
+    if data is None:
+        data = {}  # an empty section (`model:` with nothing under it) takes every default
+    if not isinstance(data, dict):
+        raise _type_error(cls, data, path, where)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(str(key), list(fields), path, where)
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], path + (name,), where)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            key, origin = _dotted(path + (name,)), where(path + (name,))
+            raise ConfigError(f"{origin}: missing required key '{key}'; set it in the file or pass {key}=...")
+    obj = cls(**kwargs)
+    _validate(obj, list(fields), path, where)
+    return obj
+
+
+def _convert(tp: Any, value: Any, path: _Path, where: _Where, shown: Any = None) -> Any:
+    """Checks `value` against type `tp` (converting lists to tuples, ints to floats); `shown` names it in errors."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        return _build(tp, value, path, where)
+    if origin in (Union, UnionType):
+        return _convert_union(tp, value, path, where)
+    if origin is Literal:
+        if any(value == c and type(value) is type(c) for c in args):
+            return value
+        raise _type_error(shown or tp, value, path, where, [str(c) for c in args])
+    if origin in _CONTAINERS and isinstance(value, _CONTAINERS[origin]):
+        return _convert_container(origin, args, value, path, where, shown or tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is None and isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+        return value
+    raise _type_error(shown or tp, value, path, where)
+
+
+def _convert_union(tp: Any, value: Any, path: _Path, where: _Where) -> Any:
+    """`X | None` checks X (errors inside X keep their key); other unions take the first arm that fits."""
+    args = get_args(tp)
+    if value is None and NoneType in args:
+        return None
+    arms = [a for a in args if a is not NoneType]
+    if len(arms) == 1:
+        return _convert(arms[0], value, path, where, shown=tp)
+    for arm in arms:
+        try:
+            return _convert(arm, value, path, where)
+        except ConfigError:
+            continue
+    raise _type_error(tp, value, path, where)
+
+
+def _convert_container(origin: type, args: tuple, value: Any, path: _Path, where: _Where, shown: Any) -> Any:
+    """Checks the items of a list, tuple or dict value."""
+    if origin is dict:
+        kt, vt = args or (Any, Any)
+        out = {}
+        for k, v in value.items():
+            out[_convert(kt, k, path + (str(k),), where)] = _convert(vt, v, path + (str(k),), where)
+        return out
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise _type_error(shown, value, path, where)
+        return tuple(_convert(t, v, path + (i,), where) for i, (t, v) in enumerate(zip(args, value)))
+    items = [_convert(args[0] if args else Any, v, path + (i,), where) for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _validate(obj: Any, names: list[str], path: _Path, where: _Where) -> None:
+    """Runs `obj.validate()` if defined; its 'field: problem' error gets the full key and the field's location."""
+    check = getattr(type(obj), "validate", None)
+    if not callable(check):
+        return
+    try:
+        check(obj)
+    except ConfigError as e:
+        rel, sep, msg = str(e).partition(": ")
+        sub = tuple(rel.split("."))
+        if not sep or sub[0] not in names:
+            sub, msg = (), str(e)
+        raise ConfigError(f"{where(path + sub)}: {_dotted(path + sub) or 'config'}: {msg}") from None
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _locator(origins: dict[_Path, str], default: str) -> _Where:
+    """Where a path's value came from: its or its nearest parent's origin, else an override below it, else `default`."""
+
+    def where(path: _Path) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in origins:
+                return origins[path[:n]]
+        return next((o for p, o in origins.items() if p[: len(path)] == path), default)
+
+    return where
+
+
+def _unknown_key(key: str, valid: list[str], path: _Path, where: _Where) -> ConfigError:
+    """'unknown key' error with the nearest valid key and the list of valid ones."""
+    msg = f"{where(path + (key,))}: unknown key '{_dotted(path + (key,))}'"
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        msg += f"; did you mean '{_dotted(path + (close[0],))}'?"
+    section = f"of '{_dotted(path)}'" if path else "at the top level"
+    return ConfigError(f"{msg} (valid keys {section}: {', '.join(valid)})")
+
+
+def _type_error(tp: Any, value: Any, path: _Path, where: _Where, choices: list[str] | None = None) -> ConfigError:
+    """'expected T, got type value' error; for a string near one of `choices`, a suggestion."""
+    got = f"{type(value).__name__} {reprlib.repr(value)}"
+    msg = f"{where(path)}: {_dotted(path) or 'config'}: expected {_type_name(tp)}, got {got}"
+    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) and choices else []
+    return ConfigError(msg + (f"; did you mean '{close[0]}'?" if close else ""))
+
+
+def _type_name(tp: Any) -> str:
+    """A type as a user reads it: `str | None`, `list[str]`, `'cosine' | 'linear'`, `OptimSection (a mapping)`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is NoneType:
+        return "None"
+    if tp is Any:
+        return "anything"
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
+    if is_dataclass(tp):
+        return f"{tp.__name__} (a mapping)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _dotted(path: _Path) -> str:
+    """('mesh', 'rules', 'embed', 0) -> 'mesh.rules.embed[0]'."""
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += f".{p}" if out else p
+    return out
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    """The short description of a YAML error."""
+    return getattr(e, "problem", None) or str(e)
+
+
+def _strip_none(tp: Any) -> Any:
+    """`X | None` -> X; other types unchanged."""
+    arms = [a for a in get_args(tp) if a is not NoneType]
+    return arms[0] if get_origin(tp) in (Union, UnionType) and len(arms) == 1 else tp
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (a fresh one for a default_factory)."""
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None if f.default is MISSING else f.default
+
+
+# ----------------------------------------------------------------------------- polm's sections
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = {  # logical axis -> mesh axes (absent or [] = replicated)
+    "batch": ["data", "fsdp"], "vocab": ["tensor"], "embed": ["fsdp"],
+    "heads": ["tensor"], "kv_heads": ["tensor"], "mlp": ["tensor"],
+    "act_batch": ["data", "fsdp"], "act_heads": ["tensor"], "act_kv_heads": ["tensor"],
+    "act_mlp": ["tensor"], "act_vocab": ["tensor"],
+}  # fmt: skip
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = "tiny-llama"  # a named architecture (polm_jax.models.presets); ignored when path is set
+    path: str | None = None  # a Hugging Face folder or a polm (orbax) checkpoint
+    dtype: Dtype | None = None  # compute dtype (None: the preset's / checkpoint's)
+    param_dtype: Dtype | None = None  # parameter dtype (None: the preset's / checkpoint's)
+    remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # activation checkpointing policy
+    attention_impl: Literal["auto", "xla", "reference", "pallas"] | None = None  # see polm_jax.ops.attention
+    overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields to change, e.g. {num_layers: 4}
+
+
+@dataclass
+class MeshConfig:
+    data: int = 1  # data-parallel axis size
+    fsdp: int = -1  # fully sharded data-parallel axis size; -1 takes the remaining devices
+    tensor: int = 1  # tensor-parallel axis size
+    multihost: bool = False  # call jax.distributed.initialize()
+    coordinator_address: str | None = None  # host:port of process 0 (None: auto-detected on TPU / SLURM)
+    num_processes: int | None = None  # None: auto-detected
+    process_id: int | None = None  # None: auto-detected
+    rules: dict[str, list[str]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RULES))  # logical -> mesh axes
+
+    def validate(self) -> None:
+        """Axis sizes are >= 1 or -1 (at most one -1); rules name only mesh axes."""
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            if size == 0 or size < -1:
+                raise ConfigError(f"{axis}: a mesh axis size must be >= 1, or -1 for the rest; got {size}")
+        fill = [axis for axis in MESH_AXES if getattr(self, axis) == -1]
+        if len(fill) > 1:
+            both = " and ".join(fill)
+            raise ConfigError(f"{fill[1]}: only one mesh axis may be -1, but {both} are; give the others sizes")
+        for name, axes in self.rules.items():
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad:
+                raise ConfigError(f"rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes are {', '.join(MESH_AXES)}")
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)  # which model, in which dtypes
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # device mesh and logical axis rules
+    seed: int = 0  # the run's root random seed
