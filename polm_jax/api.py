@@ -67,16 +67,22 @@ def load(path: str, *, mesh=None, rules=None, dtype=None, param_dtype=None, **ch
 
 
 def save_hf(model: Model, folder: str, max_shard_bytes: int = 4 << 30):
-    """Writes a folder `transformers` loads: config.json, safetensors (sharded past the limit), tokenizer files."""
+    """Writes a folder `transformers` loads: config.json, safetensors (sharded past the limit), tokenizer files.
+
+    In a multi-host run every process calls it; process 0 writes.
+    """
     hf.save_hf_params(folder, model.config, model.params, max_shard_bytes)
-    if model.tokenizer is not None:
+    if model.tokenizer is not None and jax.process_index() == 0:
         model.tokenizer.save(folder)
 
 
 def save(model: Model, folder: str):
-    """Writes a polm checkpoint (orbax params, model config, tokenizer files); `load` reads it back."""
+    """Writes a polm checkpoint (orbax params, model config, tokenizer files); `load` reads it back.
+
+    In a multi-host run every process calls it; process 0 writes the config and tokenizer files.
+    """
     polm_checkpoint.save_params(folder, model.config, model.params)
-    if model.tokenizer is not None:
+    if model.tokenizer is not None and jax.process_index() == 0:
         model.tokenizer.save(os.path.join(folder, polm_checkpoint.TOKENIZER_DIR))
 
 

@@ -344,17 +344,24 @@ def hf_tensors(cfg: ModelConfig, params: dict):
 
 
 def save_hf_params(folder: str, cfg: ModelConfig, params: dict, max_shard_bytes: int = 4 << 30):
-    """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that transformers loads."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+    """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that transformers loads.
+
+    In a multi-host run every process must call it (tensors are gathered across hosts); process 0 writes.
+    """
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg), f, indent=2)
     shards, current, size = [], {}, 0
     for name, tensor in hf_tensors(cfg, params):
         if current and size + tensor.nbytes > max_shard_bytes:
-            shards.append(_write_shard(folder, len(shards), current))
+            shards.append(_write_shard(folder, len(shards), current, writer))
             current, size = {}, 0
         current[name], size = tensor, size + tensor.nbytes
-    shards.append(_write_shard(folder, len(shards), current))
+    shards.append(_write_shard(folder, len(shards), current, writer))
+    if not writer:
+        return
     if len(shards) == 1:
         os.replace(shards[0][0], os.path.join(folder, "model.safetensors"))
         return
@@ -368,7 +375,8 @@ def save_hf_params(folder: str, cfg: ModelConfig, params: dict, max_shard_bytes:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def _write_shard(folder: str, k: int, tensors: dict[str, np.ndarray]):
+def _write_shard(folder: str, k: int, tensors: dict[str, np.ndarray], writer: bool):
     path = os.path.join(folder, f".shard-{k}.safetensors.tmp")
-    save_file(tensors, path, metadata={"format": "pt"})
+    if writer:
+        save_file(tensors, path, metadata={"format": "pt"})
     return path, list(tensors), sum(t.nbytes for t in tensors.values())
