@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from polm_jax.errors import CheckpointError
 from polm_jax.models.config import FULL, SLIDING, ModelConfig
@@ -305,11 +306,15 @@ def load_hf_params(folder: str, cfg: ModelConfig, shardings=None) -> dict:
     """Params for `cfg` from a HF folder, each tensor read once and placed with `shardings` (a matching tree)."""
     weight_map = check_hf_tensors(folder, cfg)
     shapes, dtype, params = param_shapes(cfg), np.dtype(jnp.dtype(cfg.param_dtype)), {}
+    count = sum(_get(shapes, spec.path).shape[0] if spec.stacked else 1 for spec in tensor_specs(cfg))
+    progress = tqdm(total=count, desc=f"loading {os.path.basename(os.path.normpath(folder))}",
+                    unit="tensor", disable=None)
     for spec in tensor_specs(cfg):
         shape = _get(shapes, spec.path).shape
         sharding = None if shardings is None else _get(shardings, spec.path)
 
         def read(name, layer_shape):
+            progress.update()
             with safe_open(weight_map[name], "np") as f:
                 return to_polm(spec.kind, f.get_tensor(name), layer_shape).astype(dtype)
 
@@ -322,6 +327,7 @@ def load_hf_params(folder: str, cfg: ModelConfig, shardings=None) -> dict:
         for i in range(shape[0]):
             stacked = _set_layer(stacked, _place(read(spec.hf_name.format(i=i), shape[1:]), layer_sharding), i)
         _set(params, spec.path, stacked)
+    progress.close()
     return params
 
 
@@ -354,7 +360,8 @@ def save_hf_params(folder: str, cfg: ModelConfig, params: dict, max_shard_bytes:
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg), f, indent=2)
     shards, current, size = [], {}, 0
-    for name, tensor in hf_tensors(cfg, params):
+    for name, tensor in tqdm(hf_tensors(cfg, params), desc=f"saving {os.path.basename(os.path.normpath(folder))}",
+                             unit="tensor", disable=None):
         if current and size + tensor.nbytes > max_shard_bytes:
             shards.append(_write_shard(folder, len(shards), current, writer))
             current, size = {}, 0
