@@ -9,7 +9,7 @@ Shapes: B batch, T new tokens, S cache slots, D hidden, H/K query/key-value head
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 import flax.linen as nn
 import jax
@@ -263,13 +263,15 @@ def init_params(config: ModelConfig, rng) -> dict:
     return nn.meta.unbox(_boxed_init(config, rng))
 
 
+@lru_cache(maxsize=16)
 def param_logical_axes(config: ModelConfig) -> dict:
-    """A pytree matching the params, of PartitionSpecs of logical axis names."""
+    """A pytree matching the params, of PartitionSpecs of logical axis names (cached: do not mutate)."""
     return nn.get_partition_spec(jax.eval_shape(partial(_boxed_init, config), jax.random.key(0)))
 
 
+@lru_cache(maxsize=16)
 def param_shapes(config: ModelConfig) -> dict:
-    """A pytree matching the params, of jax.ShapeDtypeStruct."""
+    """A pytree matching the params, of jax.ShapeDtypeStruct (cached: do not mutate)."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
