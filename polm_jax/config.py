@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type
 import yaml
 
 from polm_jax.errors import ConfigError
+from polm_jax.models.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 
 _Path = tuple  # a path into the config: str keys and int list indices
 _Where = Callable[[_Path], str]  # path -> where its value came from
@@ -360,7 +361,7 @@ DEFAULT_RULES = {  # logical axis -> mesh axes (absent or [] = replicated)
     "act_mlp": ["tensor"], "act_vocab": ["tensor"],
 }  # fmt: skip
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal[DTYPES]
 
 
 @dataclass
@@ -369,8 +370,8 @@ class ModelSection:
     path: str | None = None  # a Hugging Face folder or a polm (orbax) checkpoint
     dtype: Dtype | None = None  # compute dtype (None: the preset's / checkpoint's)
     param_dtype: Dtype | None = None  # parameter dtype (None: the preset's / checkpoint's)
-    remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # activation checkpointing policy
-    attention_impl: Literal["auto", "xla", "reference", "pallas"] | None = None  # see polm_jax.ops.attention
+    remat: Literal[REMAT_POLICIES] | None = None  # activation checkpointing policy
+    attention_impl: Literal[ATTENTION_IMPLS] | None = None  # see polm_jax.ops.attention
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields to change, e.g. {num_layers: 4}
 
 
