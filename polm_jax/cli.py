@@ -65,8 +65,7 @@ def cmd_info(args) -> None:
 
 def _time_forward(model: api.Model, mesh, cfg: Config, batch: int, length: int, repeats: int = 3) -> None:
     tokens = np.random.default_rng(cfg.seed).integers(0, model.config.vocab_size, (batch, length), np.int32)
-    spec = parallel.mesh_spec(jax.sharding.PartitionSpec("batch", None), tokens.shape, mesh, cfg.mesh.rules)
-    tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, spec))
+    tokens = jax.device_put(tokens, parallel.batch_sharding(tokens.shape, mesh, cfg.mesh.rules))
     with parallel.activation_sharding(mesh, cfg.mesh.rules):
         t0 = time.perf_counter()
         logits = jax.block_until_ready(forward(model.config, model.params, tokens))

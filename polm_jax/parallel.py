@@ -65,6 +65,12 @@ def shardings(logical_tree, shape_tree, mesh: Mesh, rules: dict[str, list[str]])
                         logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def batch_sharding(shape, mesh: Mesh, rules: dict[str, list[str]]) -> NamedSharding:
+    """The sharding of a batch array [B, ...]: the leading axis by the `batch` rule, the rest replicated."""
+    logical = PartitionSpec("batch", *([None] * (len(shape) - 1)))
+    return NamedSharding(mesh, mesh_spec(logical, shape, mesh, rules))
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: dict[str, list[str]]):
     """Within this context, traced models constrain activations (act_* logical names) to the mesh."""

@@ -1,7 +1,11 @@
 """Builds tiny random Hugging Face checkpoints with `transformers` (torch CPU) for parity tests."""
 
+import os
+
+import numpy as np
 import torch
 import transformers
+from safetensors import safe_open
 
 from polm_jax.models import hf
 from polm_jax.models.presets import get_preset
@@ -33,3 +37,22 @@ def build_hf_model(family: str, folder, *, seed: int = 0, dtype=torch.float32, *
     model = model.to(dtype)
     model.save_pretrained(folder)
     return model
+
+
+def read_safetensors(folder) -> dict[str, np.ndarray]:
+    """Every tensor of every *.safetensors file in `folder`, by name."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "np") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_same_tensors(folder_a, folder_b):
+    """The two folders hold the same tensor names, each with the same dtype, shape and bytes."""
+    a, b = read_safetensors(folder_a), read_safetensors(folder_b)
+    assert sorted(a) == sorted(b)
+    for name, tensor in a.items():
+        assert (b[name].dtype, b[name].shape) == (tensor.dtype, tensor.shape), name
+        assert b[name].tobytes() == tensor.tobytes(), name

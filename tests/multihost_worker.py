@@ -10,11 +10,10 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import polm_jax as pj  # noqa: E402
 from polm_jax import parallel  # noqa: E402
-from polm_jax.config import MeshConfig  # noqa: E402
+from polm_jax.config import DEFAULT_RULES, MeshConfig  # noqa: E402
 
 
 def main(process_id: int, port: int, hf_folder: str, out: str):
@@ -23,7 +22,7 @@ def main(process_id: int, port: int, hf_folder: str, out: str):
     assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
     model = pj.load(hf_folder, mesh=mesh)
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 16), dtype=np.int32)
-    batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    batch = parallel.batch_sharding(tokens.shape, mesh, DEFAULT_RULES)
     logits = pj.forward(model.config, model.params, jax.make_array_from_callback(tokens.shape, batch,
                                                                                  lambda idx: tokens[idx]))
     logits = multihost_utils.process_allgather(logits, tiled=True)

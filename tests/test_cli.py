@@ -3,9 +3,7 @@
 import os
 import subprocess
 
-import numpy as np
-from hf_models import build_hf_model
-from safetensors import safe_open
+from hf_models import assert_same_tensors, build_hf_model
 
 from polm_jax.cli import main
 
@@ -26,11 +24,7 @@ def test_convert_hf_to_polm_and_back_is_exact(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "polm")]) == 0
     assert '"format": "polm checkpoint"' in capsys.readouterr().out
     assert main(["convert", str(tmp_path / "polm"), str(tmp_path / "back")]) == 0
-    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as a, \
-            safe_open(str(tmp_path / "back" / "model.safetensors"), "np") as b:
-        assert sorted(a.keys()) == sorted(b.keys())
-        for key in a.keys():
-            np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
+    assert_same_tensors(tmp_path / "hf", tmp_path / "back")
 
 
 def test_unknown_config_key_names_the_nearest(capsys):

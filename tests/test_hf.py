@@ -7,23 +7,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import FAMILIES, build_hf_model
-from safetensors import safe_open
+from hf_models import FAMILIES, assert_same_tensors, build_hf_model, read_safetensors
 from safetensors.numpy import save_file
 
 import polm_jax as pj
 from polm_jax.errors import CheckpointError
 from polm_jax.models import hf
 from polm_jax.models.presets import get_preset, preset_names
-
-
-def _tensors(folder):
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "np") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -63,11 +53,7 @@ def test_logits_match_transformers_with_padding(hf_checkpoint):
 def test_hf_polm_hf_round_trip_is_exact(hf_checkpoint, tmp_path):
     _, folder, hf_model = hf_checkpoint
     pj.save_hf(pj.load(str(folder)), tmp_path)
-    original, exported = _tensors(folder), _tensors(tmp_path)
-    assert sorted(exported) == sorted(original)
-    for name, tensor in original.items():
-        assert exported[name].dtype == tensor.dtype, name
-        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    assert_same_tensors(folder, tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     tokens = torch.tensor(np.random.default_rng(2).integers(0, hf_model.config.vocab_size, (1, 16)))
     with torch.no_grad():
@@ -81,11 +67,7 @@ def test_bfloat16_checkpoint_round_trip_and_sharded_export(tmp_path):
     pj.save_hf(model, tmp_path / "out", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    original, exported = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
-    assert sorted(original) == sorted(exported)
-    for name, tensor in original.items():
-        assert exported[name].dtype == tensor.dtype
-        np.testing.assert_array_equal(exported[name].view(np.uint16), tensor.view(np.uint16), err_msg=name)
+    assert_same_tensors(tmp_path / "src", tmp_path / "out")
     reloaded = pj.load(str(tmp_path / "out"))  # sharded folder with an index loads back
     np.testing.assert_array_equal(np.asarray(reloaded.params["embed"]), np.asarray(model.params["embed"]))
 
@@ -129,7 +111,7 @@ def test_tokenizer_files_travel_with_the_model(tmp_path):
 
 
 def _corrupt(folder, drop=(), add=(), reshape=()):
-    tensors = _tensors(folder)
+    tensors = read_safetensors(folder)
     for name in drop:
         del tensors[name]
     for name in add:

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from hf_models import build_hf_model
-from safetensors import safe_open
+from hf_models import assert_same_tensors, build_hf_model
 
 import polm_jax as pj
 
@@ -34,10 +33,6 @@ def test_two_processes_share_one_mesh(tmp_path):
     model = pj.load(str(tmp_path / "src"))
     expected = pj.forward(model.config, model.params, np.load(tmp_path / "tokens.npy"))
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-4, rtol=0)
-    with safe_open(str(tmp_path / "src" / "model.safetensors"), "np") as a, \
-            safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as b:
-        assert sorted(a.keys()) == sorted(b.keys())
-        for key in a.keys():
-            np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
+    assert_same_tensors(tmp_path / "src", tmp_path / "hf")
     restored = pj.load(str(tmp_path / "polm"))
     np.testing.assert_array_equal(np.asarray(restored.params["embed"]), np.asarray(model.params["embed"]))

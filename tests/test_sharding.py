@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 from hf_models import build_hf_model
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 import polm_jax as pj
 from polm_jax import parallel
@@ -20,7 +20,7 @@ def reference():
 
 
 def _sharded_forward(model, tokens, mesh):
-    batch = NamedSharding(mesh, parallel.mesh_spec(PartitionSpec("batch", None), tokens.shape, mesh, DEFAULT_RULES))
+    batch = parallel.batch_sharding(tokens.shape, mesh, DEFAULT_RULES)
     with parallel.activation_sharding(mesh, DEFAULT_RULES):
         return pj.forward(model.config, model.params, jax.device_put(tokens, batch))
 

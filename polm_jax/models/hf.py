@@ -306,10 +306,11 @@ def load_hf_params(folder: str, cfg: ModelConfig, shardings=None) -> dict:
     """Params for `cfg` from a HF folder, each tensor read once and placed with `shardings` (a matching tree)."""
     weight_map = check_hf_tensors(folder, cfg)
     shapes, dtype, params = param_shapes(cfg), np.dtype(jnp.dtype(cfg.param_dtype)), {}
-    count = sum(_get(shapes, spec.path).shape[0] if spec.stacked else 1 for spec in tensor_specs(cfg))
+    specs = tensor_specs(cfg)
+    count = sum(_get(shapes, spec.path).shape[0] if spec.stacked else 1 for spec in specs)
     progress = tqdm(total=count, desc=f"loading {os.path.basename(os.path.normpath(folder))}",
                     unit="tensor", disable=None)
-    for spec in tensor_specs(cfg):
+    for spec in specs:
         shape = _get(shapes, spec.path).shape
         sharding = None if shardings is None else _get(shardings, spec.path)
 
