@@ -402,8 +402,96 @@ class MeshConfig:
                 raise ConfigError(f"rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes are {', '.join(MESH_AXES)}")
 
 
+TRUNCATION = ("error", "drop", "truncate_left", "truncate_right")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)  # sources: x.jsonl | tfds:NAME[:SPLIT] | x.array_record | synthetic:arithmetic[:N]
+    eval: list[str] = field(default_factory=list)  # held-out sources for eval loss (same forms)
+    tokenizer: str | None = None  # a tokenizer folder, or "bytes" (built in); None: the model's own
+    columns: dict[str, str] = field(default_factory=dict)  # rename record fields, e.g. {question: prompt, answer: completion}
+    tfds_data_dir: str | None = None  # where TFDS datasets are prepared (None: TFDS's default)
+    max_length: int = 512  # tokens per row (packed or padded)
+    truncation: Literal[TRUNCATION] = "error"  # what to do with an example longer than max_length
+    packing: bool = True  # pack several examples per row (segment ids keep them apart)
+    completion_only_loss: bool = True  # prompt/completion records: loss on the completion only
+    assistant_only_loss: bool = True  # messages records: loss on assistant turns only
+    shuffle: bool = True  # shuffle examples (by the run's seed, a new order each epoch)
+    epochs: int | None = None  # passes over the data; None: repeat until train.steps
+    on_error: Literal["error", "skip"] = "error"  # a malformed record: stop naming it, or skip and count it
+    num_threads: int = 2  # grain reader threads per process
+    prefetch: int = 8  # batches prefetched per process
+
+    def validate(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"max_length: must be at least 2, got {self.max_length}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs: must be >= 1 or null (repeat), got {self.epochs}")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4  # peak learning rate
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embed"])  # param path parts without decay
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # global-norm clipping (None: off)
+
+
+@dataclass
+class LoRASection:
+    rank: int = 0  # 0: LoRA off (full fine-tuning)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # q k v o gate up down, or regexes on param paths
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"rank: must be >= 0 (0 turns LoRA off), got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # rows per step, over all processes (each row data.max_length tokens)
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many forward/backward passes
+    output_dir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, the final model
+    log_every: int = 1  # steps between metric lines
+    eval_every: int = 0  # steps between eval-loss passes (0: only at the end, if data.eval is set)
+    eval_batches: int | None = None  # batches per eval pass (None: the whole eval set)
+    save_every: int = 0  # steps between checkpoints (0: only at the end and on SIGTERM)
+    keep: int = 3  # checkpoints kept
+    async_save: bool = True  # write checkpoints in the background
+    resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop (nothing saved) or skip the step
+    export: Literal["polm", "hf", "none"] = "polm"  # the final model (LoRA merged) in output_dir/final
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: bool = True  # a progress bar with loss, tokens/s and ETA
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU (None: from the device kind, if known)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "microbatches", "log_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"microbatches: {self.microbatches} does not divide batch_size {self.batch_size}")
+
+
 @dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)  # which model, in which dtypes
     mesh: MeshConfig = field(default_factory=MeshConfig)  # device mesh and logical axis rules
+    data: DataSection = field(default_factory=DataSection)  # sources, tokenization, masks, packing
+    optim: OptimSection = field(default_factory=OptimSection)  # AdamW, schedule, clipping
+    lora: LoRASection = field(default_factory=LoRASection)  # low-rank adapters (rank 0: off)
+    train: TrainSection = field(default_factory=TrainSection)  # steps, batch, eval, checkpoints, logs
     seed: int = 0  # the run's root random seed

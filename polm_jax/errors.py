@@ -15,3 +15,7 @@ class CheckpointError(PolmError):
 
 class TokenizerError(PolmError):
     """A tokenizer file is missing or cannot be parsed, or a chat template fails to render."""
+
+
+class DataError(PolmError):
+    """A data record is malformed, lacks its fields, or cannot be fit to the configured length."""
