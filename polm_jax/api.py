@@ -46,19 +46,23 @@ def init(preset: str | ModelConfig, seed: int = 0, *, mesh=None, rules=None, dty
     return Model(config, params)
 
 
+def read_model_config(path: str) -> ModelConfig:
+    """The architecture stored in a Hugging Face folder or a polm checkpoint (no weights read)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such folder")
+    if polm_checkpoint.is_polm_checkpoint(path):
+        return polm_checkpoint.read_config(path)
+    return hf.config_from_hf(hf.read_hf_config(path), os.path.join(path, "config.json"))
+
+
 def load(path: str, *, mesh=None, rules=None, dtype=None, param_dtype=None, **changes) -> Model:
     """A model from a Hugging Face folder or a polm checkpoint, each tensor placed with its sharding on `mesh`.
 
     `dtype`/`param_dtype` override the checkpoint's; `changes` set other runtime fields (e.g. remat="full").
     """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such folder")
-    native = polm_checkpoint.is_polm_checkpoint(path)
-    config = polm_checkpoint.read_config(path) if native else hf.config_from_hf(hf.read_hf_config(path),
-                                                                               os.path.join(path, "config.json"))
-    config = _with_dtypes(config, dtype, param_dtype, changes)
+    config = _with_dtypes(read_model_config(path), dtype, param_dtype, changes)
     shardings = None if mesh is None else param_shardings(config, mesh, rules)
-    if native:
+    if polm_checkpoint.is_polm_checkpoint(path):
         params = polm_checkpoint.load_params(path, config, shardings)
         tok_dir = os.path.join(path, polm_checkpoint.TOKENIZER_DIR)
     else:
@@ -86,12 +90,22 @@ def save(model: Model, folder: str):
         model.tokenizer.save(os.path.join(folder, polm_checkpoint.TOKENIZER_DIR))
 
 
-def from_section(section: ModelSection, *, seed: int = 0, mesh=None, rules=None) -> Model:
-    """The model a config's `model:` section names: loaded from `path`, else initialised from `preset`."""
+def _section_changes(section: ModelSection) -> dict:
     runtime = {k: getattr(section, k) for k in ("dtype", "param_dtype", "remat", "attention_impl")}
-    changes = {**section.overrides, **{k: v for k, v in runtime.items() if v is not None}}
+    return {**section.overrides, **{k: v for k, v in runtime.items() if v is not None}}
+
+
+def config_from_section(section: ModelSection) -> ModelConfig:
+    """The architecture a config's `model:` section names, without reading or creating any weights."""
     if section.path:
-        return load(section.path, mesh=mesh, rules=rules, **changes)
+        return read_model_config(section.path).replace(**_section_changes(section))
     if not section.preset:
         raise CheckpointError("model: set model.path (a HF folder or polm checkpoint) or model.preset")
-    return init(section.preset, seed, mesh=mesh, rules=rules, **changes)
+    return get_preset(section.preset).replace(**_section_changes(section))
+
+
+def from_section(section: ModelSection, *, seed: int = 0, mesh=None, rules=None) -> Model:
+    """The model a config's `model:` section names: loaded from `path`, else initialised from `preset`."""
+    if section.path:
+        return load(section.path, mesh=mesh, rules=rules, **_section_changes(section))
+    return init(config_from_section(section), seed, mesh=mesh, rules=rules)

@@ -1,9 +1,10 @@
-"""The `polm` command: `info` and `convert` (later: sft, dpo, rm, rl, generate, eval, plan, demo)."""
+"""The `polm` command: `sft`, `plan`, `info` and `convert` (later: dpo, rm, rl, generate, eval, demo)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -94,6 +95,47 @@ def cmd_convert(args) -> None:
                       "param_dtype": model.config.param_dtype, "seconds": round(time.perf_counter() - t0, 2)}))
 
 
+def cmd_sft(args) -> None:
+    """Supervised fine-tuning (full or LoRA) as configured; resumes from output_dir's latest checkpoint."""
+    from polm_jax.recipes.sft import run_sft
+
+    cfg = _config(args)
+    result = run_sft(cfg)
+    last = {k: result.last[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in result.last}
+    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+
+
+def _simulate_devices(count: int) -> None:
+    """Plans on `count` fake CPU devices (set before JAX starts its backend)."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
+    jax.config.update("jax_platforms", "cpu")
+
+
+def cmd_plan(args) -> None:
+    """Params, bytes per device, FLOPs per token and the compiled memory of one train step; nothing allocated."""
+    from polm_jax.train.plan import devices_needed, plan
+
+    cfg = _config(args)
+    if not args.on_device:
+        _simulate_devices(args.devices or devices_needed(cfg) or 8)
+    figures = plan(cfg)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    gib = {k: _bytes(v) for k, v in figures.items() if k.endswith("_bytes") or k.endswith("_per_device")}
+    print(f"model            {figures['model']}: {figures['params'] / 1e6:,.1f}M params, "
+          f"{figures['trainable_params'] / 1e6:,.2f}M trainable")
+    print(f"mesh             {figures['mesh']} ({figures['devices']} {figures['platform']} devices)")
+    print(f"per device       params {gib['param_bytes_per_device']}, optimizer {gib['optimizer_bytes_per_device']}")
+    print(f"step             {figures['tokens_per_step']:,} tokens, {figures['flops_per_token'] / 1e9:.2f} GFLOP/token "
+          f"(fwd+bwd), compiled in {figures['compile_seconds']}s")
+    if "step_peak_bytes" in figures:
+        print(f"compiled memory  peak {gib['step_peak_bytes']} per device (arguments {gib['step_argument_bytes']}, "
+              f"temporaries {gib['step_temp_bytes']}, outputs {gib['step_output_bytes']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polm", description="polm-jax: post-training for LLMs in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--batch", type=int, default=8, help="batch of the timed forward (0 to skip)")
     info.add_argument("--seq-len", type=int, default=128, help="sequence length of the timed forward")
     info.set_defaults(func=cmd_info)
+    sft = sub.add_parser("sft", help="supervised fine-tuning (full or LoRA); resumes automatically")
+    _add_config_args(sft)
+    sft.set_defaults(func=cmd_sft)
+    plan = sub.add_parser("plan", help="params, memory per device and FLOPs of a configured train step (no allocation)")
+    _add_config_args(plan)
+    plan.add_argument("--devices", type=int, help="fake CPU devices to plan on (default: the mesh's size, else 8)")
+    plan.add_argument("--on-device", action="store_true", help="plan on this machine's real devices instead")
+    plan.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    plan.set_defaults(func=cmd_plan)
     convert = sub.add_parser("convert", help="HF folder <-> polm (orbax) checkpoint")
     convert.add_argument("src", help="a Hugging Face folder, or a polm checkpoint (then the output is HF)")
     convert.add_argument("dst", help="the output folder")

@@ -408,7 +408,7 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # sources: x.jsonl | tfds:NAME[:SPLIT] | x.array_record | synthetic:arithmetic[:N]
+    train: list[str] = field(default_factory=list)  # x.jsonl | tfds:NAME[:SPLIT] | x.array_record | synthetic:arithmetic[:N[:SEED]]
     eval: list[str] = field(default_factory=list)  # held-out sources for eval loss (same forms)
     tokenizer: str | None = None  # a tokenizer folder, or "bytes" (built in); None: the model's own
     columns: dict[str, str] = field(default_factory=dict)  # rename record fields, e.g. {question: prompt, answer: completion}

@@ -19,3 +19,7 @@ class TokenizerError(PolmError):
 
 class DataError(PolmError):
     """A data record is malformed, lacks its fields, or cannot be fit to the configured length."""
+
+
+class TrainingError(PolmError):
+    """Training cannot go on: a non-finite loss, a batch that does not fit the mesh, data that ran out too early."""

@@ -2,6 +2,7 @@
 
     tok = load_tokenizer("checkpoints/gemma-2b")      # a Hugging Face style folder
     ids = tok.encode("Hello")                          # list[int], BOS as the model's files say
+    tok = byte_tokenizer()                             # built in: one id per UTF-8 byte, vocab 263
 
 Ids and decoded text equal those of `transformers.AutoTokenizer.from_pretrained(folder)`
 (transformers 5) for folders laid out as Llama 3, Qwen 2.5/3, Gemma 2/3 and Llama 2 checkpoints
@@ -12,20 +13,24 @@ and where it cannot, is documented on its class.
 from __future__ import annotations
 
 import abc
+import atexit
 import json
+import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from polm_jax.errors import TokenizerError
 
+BYTES = "bytes"  # the name (for data.tokenizer and load_tokenizer) of the built-in byte-level tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in order of preference
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -39,7 +44,12 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
-    """Loads the tokenizer of a Hugging Face style folder; `tokenizer.json` is preferred over `tokenizer.model`."""
+    """Loads the tokenizer of a Hugging Face style folder; `tokenizer.json` is preferred over `tokenizer.model`.
+
+    The string "bytes" gives the built-in `byte_tokenizer()` (a folder named bytes: pass "./bytes").
+    """
+    if isinstance(folder, str) and folder == BYTES:
+        return byte_tokenizer()
     folder = Path(folder)
     if not has_tokenizer(folder):
         raise TokenizerError(
@@ -429,3 +439,82 @@ def _bytes_text(data: bytearray) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return "\ufffd" * len(data)
+
+
+# ----------------------------------------------------------------------------- the built-in byte tokenizer
+
+
+BYTE_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids 256..262
+
+# <|bos|><|user|>What is 2 + 3?<|end|><|assistant|>5<|eos|>: a header token per turn, <|end|> closing
+# system and user turns and <|eos|> (the stop token) closing assistant turns, no newlines (short rows).
+BYTE_CHAT_TEMPLATE = (
+    "{{- bos_token -}}\n"
+    "{%- for message in messages -%}\n"
+    "    {%- if message['role'] not in ('system', 'user', 'assistant') -%}\n"
+    "        {{- raise_exception('byte tokenizer chat template: roles are system, user and assistant, got ' "
+    "+ message['role']) -}}\n"
+    "    {%- endif -%}\n"
+    "    {{- '<|' + message['role'] + '|>' + message['content'] -}}\n"
+    "    {{- eos_token if message['role'] == 'assistant' else '<|end|>' -}}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}\n"
+)
+
+
+def byte_tokenizer() -> Tokenizer:
+    """The built-in byte-level tokenizer (data.tokenizer: bytes): id b is UTF-8 byte b (0..255), then
+    BYTE_SPECIALS (vocab 263); BOS (256) starts every encoding, EOS (257) ends assistant turns, pad is 258.
+
+    An ordinary `JsonTokenizer` over files written once per process to a temporary folder, so
+    `save(folder)` writes a tokenizer.json folder that `load_tokenizer` (and transformers) read back.
+    """
+    return load_tokenizer(_byte_tokenizer_folder())
+
+
+_byte_folder: Path | None = None
+
+
+def _byte_tokenizer_folder() -> Path:
+    """This process's folder of byte tokenizer files, written on first use and removed at exit."""
+    global _byte_folder
+    if _byte_folder is None or not (_byte_folder / "tokenizer.json").is_file():
+        folder = Path(tempfile.mkdtemp(prefix="polm-byte-tokenizer-"))
+        _write_byte_tokenizer(folder)
+        atexit.register(_remove_if_owner, folder, os.getpid())
+        _byte_folder = folder
+    return _byte_folder
+
+
+def _remove_if_owner(folder: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not from a forked child exiting
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_byte_tokenizer(folder: Path) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja of the byte tokenizer into `folder`."""
+    symbols = _byte_symbols()
+    tok = tokenizers.Tokenizer(models.BPE(vocab={s: b for b, s in enumerate(symbols)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIALS])
+    bos = BYTE_SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, 256)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    added = {str(256 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "special": True} for i, t in enumerate(BYTE_SPECIALS)}
+    config = {"added_tokens_decoder": added, "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+              "pad_token": "<|pad|>", "clean_up_tokenization_spaces": False,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(BYTE_CHAT_TEMPLATE, encoding="utf-8")
+
+
+def _byte_symbols() -> list[str]:
+    """The character ByteLevel pre-tokenization writes for each byte 0..255 (GPT-2's bytes_to_unicode):
+    printable Latin-1 characters stand for themselves, the others for chr(256), chr(257), ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    stand_ins = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(stand_ins)) for b in range(256)]

@@ -1,0 +1,1 @@
+"""Algorithms as loss functions over a batch: each returns (sum, count, metrics); the train step divides once."""

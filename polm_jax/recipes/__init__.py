@@ -1,0 +1,1 @@
+"""End-to-end runs behind the `polm` commands: each wires a data pipeline and a loss into the shared Session."""

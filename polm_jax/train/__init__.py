@@ -1,0 +1,1 @@
+"""Training machinery shared by every algorithm: state, optimizer, the step factory, checkpoints, metrics, the loop."""

@@ -1,0 +1,52 @@
+"""Checkpoints of a run: orbax CheckpointManager with async saves and keep-N, holding the train state and each
+process's data-iterator state, so a resumed run continues exactly (same params, optimizer, step, RNG, data order).
+
+orbax writes a step into a temporary folder and renames it when complete, so a run killed mid-save leaves only
+an unfinished temporary folder, which `latest_step` never picks.
+"""
+
+from __future__ import annotations
+
+import grain
+import orbax.checkpoint as ocp
+
+from polm_jax.train.state import TrainState
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, data iterator) under `directory`/<step>/{state,data}."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            directory, options=options, item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, data_iterator) -> None:
+        """Starts saving at `state.step` (returns once device arrays are copied; writing continues in background)."""
+        step = int(state.step)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract: TrainState, data_iterator) -> TrainState:
+        """The state saved at `step`, placed by the shardings in `abstract`; `data_iterator` is set to its state."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        return self.manager.restore(step, args=args)["state"]
+
+    def wait(self) -> None:
+        """Blocks until background saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
