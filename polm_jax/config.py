@@ -472,6 +472,7 @@ class TrainSection:
     keep: int = 3  # checkpoints kept
     async_save: bool = True  # write checkpoints in the background
     resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    stop_at: int | None = None  # save and stop after this step (a later run resumes and finishes the schedule)
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop (nothing saved) or skip the step
     export: Literal["polm", "hf", "none"] = "polm"  # the final model (LoRA merged) in output_dir/final
     tensorboard: bool = True  # also write TensorBoard event files

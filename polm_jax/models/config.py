@@ -52,6 +52,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
     attention_impl: str = "auto"
+    lora_dropout: float = 0.0  # dropout on the LoRA adapters' input (active only when forward gets a dropout_rng)
 
     def __post_init__(self):
         self._check()
@@ -64,6 +65,8 @@ class ModelConfig:
                               ("attention_impl", ATTENTION_IMPLS), ("activation", ("silu", "gelu_tanh"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {allowed}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout {self.lora_dropout} is not in [0, 1)")
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.layer_types is not None:
@@ -104,6 +107,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
+        """The config `to_json` wrote; runtime fields an older file lacks (e.g. lora_dropout) take their defaults."""
         data = json.loads(text)
         data["rope_scaling"] = tuple(tuple(kv) for kv in data["rope_scaling"]) if data.get("rope_scaling") else None
         for key in ("layer_types", "eos_token_id"):

@@ -2,6 +2,8 @@
 
 Layers are scanned (params stacked on a leading `layers` axis) under a configurable remat policy, so compile time
 does not grow with depth. Every parameter carries logical axis names (see polm_jax.parallel) for sharding.
+LoRA: a kernel-owning module whose params hold `lora_a`/`lora_b` next to `kernel` (see polm_jax.models.lora) adds
+the low-rank update to its output; params without them run exactly as before.
 
 Shapes: B batch, T new tokens, S cache slots, D hidden, H/K query/key-value heads, E head dim, F MLP, V vocab, L layers.
 """
@@ -31,6 +33,23 @@ def _param(module: nn.Module, name: str, shape, axes, init=_normal):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.config.param_dtype))
 
 
+def _lora(module: nn.Module, x, into_rank: str, out_of_rank: str):
+    """The LoRA update dropout(x) @ A @ B in the compute dtype, or None when the module's params hold no adapter.
+
+    B arrives pre-scaled by alpha / rank (polm_jax.models.lora.apply). Dropout on x needs config.lora_dropout > 0
+    and a `dropout` rng (forward's dropout_rng); without one the update is deterministic.
+    """
+    if not module.has_variable("params", "lora_a"):
+        return None
+    cfg = module.config
+    if cfg.lora_dropout and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+    a = module.get_variable("params", "lora_a").astype(cfg.dtype)
+    b = module.get_variable("params", "lora_b").astype(cfg.dtype)
+    return jnp.einsum(out_of_rank, jnp.einsum(into_rank, x, a), b)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm in f32; Gemma scales by (1 + w)."""
 
@@ -58,6 +77,9 @@ class HeadsProjection(nn.Module):
         cfg = self.config
         w = _param(self, "kernel", (cfg.hidden_size, self.heads, cfg.head_dim), ("embed", self.axis, "head_dim"))
         y = jnp.einsum("btd,dhe->bthe", x, w.astype(cfg.dtype))
+        lora = _lora(self, x, "btd,dr->btr", "btr,rhe->bthe")  # A [D, r], B [r, heads, E]
+        if lora is not None:
+            y = y + lora
         if cfg.qkv_bias:
             y = y + _param(self, "bias", (self.heads, cfg.head_dim), (self.axis, "head_dim"), nn.initializers.zeros)
         return y.astype(cfg.dtype)
@@ -72,7 +94,9 @@ class HeadsOutput(nn.Module):
     def __call__(self, x):
         cfg = self.config
         w = _param(self, "kernel", (cfg.num_heads, cfg.head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"))
-        return jnp.einsum("bthe,hed->btd", x, w.astype(cfg.dtype))
+        y = jnp.einsum("bthe,hed->btd", x, w.astype(cfg.dtype))
+        lora = _lora(self, x, "bthe,her->btr", "btr,rd->btd")  # A [H, E, r], B [r, D]
+        return y if lora is None else y + lora
 
 
 class Dense(nn.Module):
@@ -85,7 +109,9 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = _param(self, "kernel", (x.shape[-1], self.features), self.axes)
-        return jnp.dot(x, w.astype(self.config.dtype))
+        y = jnp.dot(x, w.astype(self.config.dtype))
+        lora = _lora(self, x, "...i,ir->...r", "...r,ro->...o")  # A [in, r], B [r, out]
+        return y if lora is None else y + lora
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None):
@@ -206,7 +232,8 @@ class Decoder(nn.Module):
                       if cfg.rope_local_theta else rope_global)
 
         block = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers,
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                         length=cfg.num_layers,
                          in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, layer_caches = layers(cfg, name="layers")(x, jnp.array(cfg.is_sliding), layer_caches, rope_global,
@@ -230,13 +257,13 @@ class Decoder(nn.Module):
 def _masks_and_cache(positions, segment_ids, cache):
     """The attention's position/segment arguments; with a cache, its slots after writing the new tokens."""
     if cache is None:
-        return (dict(q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
-                     kv_segment_ids=segment_ids), None, None)
+        return ({"q_positions": positions, "kv_positions": positions, "q_segment_ids": segment_ids,
+                 "kv_segment_ids": segment_ids}, None, None)
     index = cache["index"]
     kv_positions = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, index))
     kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
-    masks = dict(q_positions=positions, kv_positions=kv_positions, q_segment_ids=segment_ids,
-                 kv_segment_ids=kv_segments)
+    masks = {"q_positions": positions, "kv_positions": kv_positions, "q_segment_ids": segment_ids,
+             "kv_segment_ids": kv_segments}
     return masks, {"k": cache["k"], "v": cache["v"]}, index
 
 
@@ -292,12 +319,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
 
 @partial(jax.jit, static_argnames=("config", "return_hidden"))
 def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, cache=None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, dropout_rng=None):
     """tokens [B, T] int32 -> logits [B, T, V] f32 (or hidden states [B, T, D] with `return_hidden`).
 
     `segment_ids` [B, T] (default all 1) separate packed examples, 0 marks padding; `positions` default to
     restarting at 0 per segment (or to cache index + t when decoding). With `cache` (see `init_cache`) the new
     tokens are written at its index and attend to every filled slot; the result is then `(out, new_cache)`.
+    `dropout_rng` (a PRNG key) turns on LoRA dropout (config.lora_dropout) for params with adapters; None: none.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
@@ -308,5 +336,7 @@ def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_i
         positions = (positions_from_segments(segment_ids) if cache is None
                      else cache["index"] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None])
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), tokens.shape)
-    out, new_cache = Decoder(config).apply({"params": params}, tokens, positions, segment_ids, cache, return_hidden)
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    out, new_cache = Decoder(config).apply({"params": params}, tokens, positions, segment_ids, cache, return_hidden,
+                                           rngs=rngs)
     return out if cache is None else (out, new_cache)

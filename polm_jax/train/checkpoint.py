@@ -31,8 +31,11 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, state: TrainState, data_iterator) -> None:
-        """Starts saving at `state.step` (returns once device arrays are copied; writing continues in background)."""
+        """Starts saving at `state.step` unless saved already (returns once device arrays are copied; writing
+        continues in the background)."""
         step = int(state.step)
+        if step in self.manager.all_steps():
+            return
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator))
         self.manager.save(step, args=args, force=True)

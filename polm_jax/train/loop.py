@@ -28,6 +28,7 @@ class LoopOptions:
     eval_every: int = 0  # 0: eval only at the end
     save_every: int = 0  # 0: save only at the end and on preemption
     on_nan: str = "stop"  # stop | skip
+    stop_at: int | None = None  # save and stop after this step, as if preempted
     progress: bool = True
     flops_per_token: float | None = None  # model FLOPs per processed token (forward + backward), for MFU
     peak_flops: float | None = None  # per device
@@ -36,7 +37,7 @@ class LoopOptions:
 @dataclass
 class LoopResult:
     state: object
-    status: str  # done | preempted | data_exhausted
+    status: str  # done | stopped (stop_at) | preempted | data_exhausted
     step: int
     last: dict = field(default_factory=dict)  # the last metrics written
 
@@ -95,7 +96,7 @@ def fit(state, frozen, train_step: Callable, batches: Iterator[dict], *, put_bat
     status, last, pending = "done", {}, None
     clock = time.perf_counter()
 
-    def report(step, device_metrics, stats, extra=None):
+    def report(step, device_metrics, stats, evaluate=False):
         nonlocal clock, last
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
@@ -104,40 +105,49 @@ def fit(state, frozen, train_step: Callable, batches: Iterator[dict], *, put_bat
             raise TrainingError(f"step {step}: the loss or gradient is not finite (loss {metrics['loss']}, grad norm "
                                 f"{metrics['grad_norm']}); stopped before saving anything from this step. Lower "
                                 f"optim.lr, check the data, or set train.on_nan=skip to skip such steps")
-        tokens = stats["tokens"] * n_proc
-        metrics.update(tokens=tokens, step_seconds=seconds, tokens_per_s=tokens / seconds,
+        tokens = metrics.setdefault("tokens", stats["tokens"] * n_proc)
+        metrics.update(step_seconds=seconds, tokens_per_s=tokens / seconds,
                        fill=stats["tokens"] / stats["slots"], examples_per_row=stats["examples"] / stats["rows"])
         if options.flops_per_token and options.peak_flops:
             metrics["mfu"] = options.flops_per_token * stats["slots"] * n_proc / seconds / (options.peak_flops * devices)
-        metrics.update(extra or {})
+        if evaluate:  # outside the step's timing
+            metrics.update(eval_fn(state))
+            clock = time.perf_counter()
         if data_stats is not None:
             metrics.update({f"data/{k}": v for k, v in data_stats().items()})
         progress.update(metrics)
-        if _due(step, options.log_every, total) or extra:
+        if _due(step, options.log_every, total) or evaluate:
             writer.write(step, metrics)
         last = metrics
 
     with _Preemption() as preemption:
         try:
+            exhausted, filler = False, None
             for step in range(start + 1, total + 1):
-                try:
-                    host_batch = next(batches)
-                except StopIteration:
+                host_batch = next(batches, None)
+                if host_batch is None and n_proc == 1:
                     status = "data_exhausted"
                     break
+                if host_batch is None:  # other hosts may still have data: step along with empty rows
+                    exhausted, host_batch = True, filler
+                filler = filler or {k: np.zeros_like(v) for k, v in host_batch.items()}
                 state, device_metrics = train_step(state, frozen, put_batch(host_batch))
                 if pending is not None:
                     report(*pending)  # the previous step's metrics, fetched while this step runs
                 pending = (step, device_metrics, batch_stats(host_batch))
-                stop = preemption.due(step)
+                preempted = preemption.due(step)
+                stop = preempted or step == options.stop_at
                 evaluate = eval_fn is not None and _due(step, options.eval_every, total)
-                if stop or evaluate or _due(step, options.save_every, total):
-                    report(*pending, extra=eval_fn(state) if evaluate else None)
+                if stop or evaluate or exhausted or _due(step, options.save_every, total):
+                    report(*pending, evaluate=evaluate)
                     pending = None
+                if exhausted and last["tokens"] == 0:  # every host is out of data (all agree: a global count)
+                    status = "data_exhausted"
+                    break
                 if checkpointer is not None and (stop or _due(step, options.save_every, total)):
                     checkpointer.save(state, data_iterator)
                 if stop:
-                    status = "preempted"
+                    status = "preempted" if preempted else "stopped"
                     break
             if pending is not None:
                 report(*pending)

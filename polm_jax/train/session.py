@@ -187,7 +187,7 @@ class Session:
         seq_len = int(np.shape(example_batch["tokens"])[1])
         options = LoopOptions(total_steps=cfg.train.steps, log_every=cfg.train.log_every,
                               eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
-                              on_nan=cfg.train.on_nan, progress=cfg.train.progress,
+                              on_nan=cfg.train.on_nan, stop_at=cfg.train.stop_at, progress=cfg.train.progress,
                               flops_per_token=flops_per_token(self.model.config, seq_len),
                               peak_flops=cfg.train.peak_flops or peak_flops())
         try:
@@ -197,7 +197,7 @@ class Session:
         finally:
             writer.close()
             checkpointer.close()
-        if result.status != "preempted" and cfg.train.export != "none":
+        if result.status in ("done", "data_exhausted") and cfg.train.export != "none":
             self.export(result.state.params, os.path.join(out, "final"))
         return result
 

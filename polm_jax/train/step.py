@@ -101,6 +101,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         metrics = {"loss": loss, "grad_norm": grad_norm, **({} if lr is None else {"lr": lr.astype(jnp.float32)}),
                    "count": count, "skipped_empty": (count == 0).astype(jnp.float32),
                    "skipped_nonfinite": (~finite & (count > 0)).astype(jnp.float32), **_mean_metrics(out["metrics"])}
+        if "segment_ids" in batch:  # non-padding tokens of the global batch
+            metrics["tokens"] = (batch["segment_ids"] > 0).sum().astype(jnp.float32)
         return new_state, metrics
 
     return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
