@@ -124,7 +124,7 @@ def cmd_plan(args) -> None:
     if args.json:
         print(json.dumps(figures))
         return
-    gib = {k: _bytes(v) for k, v in figures.items() if k.endswith("_bytes") or k.endswith("_per_device")}
+    gib = {k: _bytes(v) for k, v in figures.items() if k.endswith(("_bytes", "_per_device"))}
     print(f"model            {figures['model']}: {figures['params'] / 1e6:,.1f}M params, "
           f"{figures['trainable_params'] / 1e6:,.2f}M trainable")
     print(f"mesh             {figures['mesh']} ({figures['devices']} {figures['platform']} devices)")

@@ -15,15 +15,17 @@ import dataclasses
 import difflib
 import re
 import reprlib
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, is_dataclass
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from polm_jax.errors import ConfigError
 from polm_jax.models.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from polm_jax.models.lora import TARGET_MODULES
 
 _Path = tuple  # a path into the config: str keys and int list indices
 _Where = Callable[[_Path], str]  # path -> where its value came from
@@ -403,7 +405,6 @@ class MeshConfig:
 
 
 TRUNCATION = ("error", "drop", "truncate_left", "truncate_right")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass
@@ -450,7 +451,7 @@ class LoRASection:
     rank: int = 0  # 0: LoRA off (full fine-tuning)
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapter input
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # q k v o gate up down, or regexes on param paths
+    targets: list[str] = field(default_factory=lambda: list(TARGET_MODULES))  # q k v o gate up down, or regexes on param paths
 
     def validate(self) -> None:
         if self.rank < 0:

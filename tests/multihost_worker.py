@@ -5,15 +5,15 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
+import numpy as np
+from jax.experimental import multihost_utils
 
-import polm_jax as pj  # noqa: E402
-from polm_jax import parallel  # noqa: E402
-from polm_jax.config import DEFAULT_RULES, MeshConfig  # noqa: E402
+import polm_jax as pj
+from polm_jax import parallel
+from polm_jax.config import DEFAULT_RULES, MeshConfig
 
 
 def main(process_id: int, port: int, hf_folder: str, out: str):

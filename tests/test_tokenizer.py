@@ -4,11 +4,18 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizer_folders import FAMILIES, SPECIALS, TEMPLATES, TEXTS, make_tokenizer_folder
+from tokenizer_folders import (
+    FAMILIES,
+    SPECIALS,
+    TEMPLATES,
+    TEXTS,
+    make_tokenizer_folder,
+)
 from transformers import AutoTokenizer
 
 from polm_jax.data.tokenizer import has_tokenizer, load_tokenizer
 from polm_jax.errors import TokenizerError
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def folder(request, tmp_path_factory) -> Path:

@@ -11,7 +11,15 @@ import random
 from pathlib import Path
 
 import sentencepiece as spm
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from tokenizers import Tokenizer as HFTokenizer
 
 FAMILIES = ("llama3", "qwen2", "gemma", "llama2")
@@ -103,11 +111,7 @@ TEXTS = [
 
 def corpus(n: int = 600, seed: int = 0) -> list[str]:
     """Deterministic training lines: English, accents, CJK, emoji, digits, code, chat words."""
-    words = (
-        "the quick brown fox jumps over lazy dog hello world user assistant system model answer "
-        "question what is two plus three five tokenizer train data café naïve résumé straße 東京 "
-        "日本語 你好 世界 🙂 🚀 123 4567 3.14 def return print(x) {json: true} [1, 2] a-b_c"
-    ).split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "user", "assistant", "system", "model", "answer", "question", "what", "is", "two", "plus", "three", "five", "tokenizer", "train", "data", "café", "naïve", "résumé", "straße", "東京", "日本語", "你好", "世界", "🙂", "🚀", "123", "4567", "3.14", "def", "return", "print(x)", "{json:", "true}", "[1,", "2]", "a-b_c"]
     rng = random.Random(seed)
     lines = []
     for _ in range(n):

@@ -6,7 +6,7 @@ so a packed row never predicts one example's first token from the previous examp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 

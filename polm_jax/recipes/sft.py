@@ -7,12 +7,10 @@ import numpy as np
 
 from polm_jax.algorithms.sft import sft_loss
 from polm_jax.config import Config
-from polm_jax.data.pipeline import sft_dataset
+from polm_jax.data.pipeline import BATCH_KEYS, sft_dataset
 from polm_jax.data.sources import open_sources
 from polm_jax.train.loop import LoopResult
 from polm_jax.train.session import Session
-
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 
 def run_sft(cfg: Config) -> LoopResult:
@@ -20,7 +18,7 @@ def run_sft(cfg: Config) -> LoopResult:
     `cfg.train.output_dir`. Resumes from the latest complete checkpoint there."""
     session = Session.create(cfg)
     data, rows = cfg.data, session.local_batch_size
-    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
     train_set, stats = sft_dataset(open_sources(data.train, data), data, session.tokenizer, batch_size=rows,
                                    seed=cfg.seed, train=True, **shard)
     example = {k: np.zeros((rows, data.max_length), np.int32) for k in BATCH_KEYS}

@@ -7,6 +7,8 @@ an unfinished temporary folder, which `latest_step` never picks.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import orbax.checkpoint as ocp
 
@@ -17,6 +19,8 @@ class Checkpointer:
     """Saves and restores (TrainState, data iterator) under `directory`/<step>/{state,data}."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        if "://" not in directory:  # orbax wants absolute local paths; gs:// and the like pass through
+            directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(

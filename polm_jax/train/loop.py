@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import jax
 import numpy as np

@@ -46,7 +46,7 @@ class MetricsWriter:
         self._file = self._tb = None
         if self.active:
             os.makedirs(directory, exist_ok=True)
-            self._file = open(self.path, "a")
+            self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 

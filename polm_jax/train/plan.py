@@ -12,7 +12,7 @@ import numpy as np
 from polm_jax import parallel
 from polm_jax.algorithms.sft import sft_loss
 from polm_jax.config import Config
-from polm_jax.recipes.sft import BATCH_KEYS
+from polm_jax.data.pipeline import BATCH_KEYS
 from polm_jax.train.metrics import flops_per_token
 from polm_jax.train.optim import make_optimizer
 from polm_jax.train.session import combine_params, model_config, param_layout

@@ -9,8 +9,8 @@ state, checkpoints with resume, metrics, the loop, and the final export.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import numpy as np

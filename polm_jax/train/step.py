@@ -8,7 +8,7 @@ divides once, so accumulation and packing give the same mean as one big batch.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
