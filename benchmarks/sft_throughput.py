@@ -10,6 +10,7 @@ ids in fully packed rows of a few segments, so data loading is not measured. The
 """
 
 import argparse
+import os
 import resource
 import time
 
@@ -59,6 +60,48 @@ def compiled_bytes(compiled) -> int | None:
         return None
 
 
+def compiled_step(session: Session, host: dict, microbatches: int):
+    """The library's SFT train step for `session`, lowered for `host`'s shapes and compiled; and the compile time."""
+    cfg, (rows, length) = session.cfg, host["tokens"].shape
+    micro = {k: parallel.batch_sharding((rows // microbatches, length), session.mesh, cfg.mesh.rules) for k in host}
+    train_step = step_lib.make_train_step(sft_loss(session.model.config, session.model_params), session.optimizer,
+                                          state_shardings=session.state_shardings(),
+                                          frozen_shardings=session.frozen_shardings or None,
+                                          batch_shardings=session.batch_shardings(host), microbatch_shardings=micro,
+                                          microbatches=microbatches)
+    state = init_state(session.trainable, session.optimizer, cfg.seed, session.state_shardings())
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, session.frozen, session.put_batch(host)).compile()
+    return compiled, state, time.perf_counter() - t0
+
+
+def step_seconds(compiled, state, frozen, batches: list, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Seconds of each of `steps` steps after `warmup` untimed ones, each timed alone (the median then resists
+    other processes' bursts on a shared host); and the last loss."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return times[warmup:], float(metrics["loss"])
+
+
+def report_memory(compiled, platform: str, details: dict) -> None:
+    """Peak memory: the devices' own counter (GPU/TPU), XLA's estimate for the step, and the process's max RSS (CPU)."""
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    if all("peak_bytes_in_use" in s for s in stats):
+        emit("sft_peak_memory_gib", max(s["peak_bytes_in_use"] for s in stats) / 2**30, "GiB",
+             source="device.memory_stats()['peak_bytes_in_use'], max over local devices", **details)
+    estimate = compiled_bytes(compiled)
+    if estimate is not None:
+        emit("sft_step_memory_gib", estimate / 2**30, "GiB",
+             source="compiled.memory_analysis(): argument + output - alias + temp, per device", **details)
+    if platform == "cpu":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        emit("sft_max_rss_gib", rss / 2**30, "GiB", source="resource.getrusage ru_maxrss (whole process)", **details)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="tiny-llama")
@@ -74,63 +117,34 @@ def main():
     parser.add_argument("--segments", type=int, default=4, help="examples packed per row")
     args = parser.parse_args()
 
+    load = round(os.getloadavg()[0], 2)  # CPU figures are only as good as the host is quiet
     platform = jax.devices()[0].platform
     dtype = args.dtype if args.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
-    cfg = make_config(args, dtype)
-    session = Session.create(cfg)
+    session = Session.create(make_config(args, dtype))
     config = session.model.config
     rng = np.random.default_rng(0)
     host = [packed_batch(rng, args.batch, args.seq_len, config.vocab_size, args.segments) for _ in range(2)]
+    compiled, state, compile_s = compiled_step(session, host[0], args.microbatches)
     batches = [session.put_batch(b) for b in host]  # on the devices before timing
-    micro = args.batch // args.microbatches  # rows per microbatch, spread over the batch axes as in Session.train
-    micro_shardings = {k: parallel.batch_sharding((micro, args.seq_len), session.mesh, cfg.mesh.rules) for k in host[0]}
-    train_step = step_lib.make_train_step(sft_loss(config, session.model_params), session.optimizer,
-                                          state_shardings=session.state_shardings(),
-                                          frozen_shardings=session.frozen_shardings or None,
-                                          batch_shardings=session.batch_shardings(host[0]),
-                                          microbatch_shardings=micro_shardings, microbatches=args.microbatches)
-    state = init_state(session.trainable, session.optimizer, cfg.seed, session.state_shardings())
+    times, loss = step_seconds(compiled, state, session.frozen, batches, args.warmup, args.steps)
+    seconds, tokens = float(np.median(times)), args.batch * args.seq_len  # every slot is a real token
 
-    t0 = time.perf_counter()
-    compiled = train_step.lower(state, session.frozen, batches[0]).compile()
-    compile_s = time.perf_counter() - t0
-    for i in range(args.warmup):
-        state, metrics = compiled(state, session.frozen, batches[i % 2])
-    jax.block_until_ready((state, metrics))
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        state, metrics = compiled(state, session.frozen, batches[i % 2])
-    jax.block_until_ready((state, metrics))
-    seconds = time.perf_counter() - t0
-    loss = float(metrics["loss"])
-
-    tokens = args.batch * args.seq_len * args.steps
     n_dev = jax.device_count()
     trainable = sum(x.size for x in jax.tree.leaves(session.trainable))
     details = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "lora_rank": args.lora_rank,
                "dtype": dtype, "param_dtype": args.param_dtype, "remat": args.remat,
-               "microbatches": args.microbatches, "devices": n_dev, "params_m": round(config.num_params() / 1e6, 1),
-               "trainable_m": round(trainable / 1e6, 3)}
+               "microbatches": args.microbatches, "devices": n_dev, "params_m": round(config.num_params() / 1e6, 2),
+               "trainable_m": round(trainable / 1e6, 3), "load_avg_1m_at_start": load}
     emit("sft_compile_s", compile_s, "s", **details)
-    emit("sft_step_s", seconds / args.steps, "s", steps=args.steps, loss=round(loss, 4), **details)
-    emit("sft_tokens_per_s", tokens / seconds, "tokens/s", steps=args.steps, **details)
-    model_flops = flops_per_token(config, args.seq_len) * tokens / seconds  # forward + backward, 3x forward
+    emit("sft_step_s", seconds, "s", steps=args.steps, timing="median step", mean_s=round(float(np.mean(times)), 4),
+         min_s=round(min(times), 4), max_s=round(max(times), 4), loss=round(loss, 4), **details)
+    emit("sft_tokens_per_s", tokens / seconds, "tokens/s", timing="median step", **details)
+    model_flops = flops_per_token(config, args.seq_len) * tokens / seconds  # 3x forward, as Session.train counts MFU
     emit("sft_model_tflops_per_s", model_flops / 1e12, "TFLOP/s", **details)
     peak = peak_flops()
     if peak:
         emit("sft_mfu", model_flops / (peak * n_dev), "fraction", peak_flops_per_device=peak, **details)
-
-    stats = [d.memory_stats() or {} for d in jax.local_devices()]
-    if all("peak_bytes_in_use" in s for s in stats):
-        emit("sft_peak_memory_gib", max(s["peak_bytes_in_use"] for s in stats) / 2**30, "GiB",
-             source="device.memory_stats()['peak_bytes_in_use'], max over local devices", **details)
-    estimate = compiled_bytes(compiled)
-    if estimate is not None:
-        emit("sft_step_memory_gib", estimate / 2**30, "GiB",
-             source="compiled.memory_analysis(): argument + output - alias + temp, all devices", **details)
-    if platform == "cpu":
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        emit("sft_max_rss_gib", rss / 2**30, "GiB", source="resource.getrusage ru_maxrss (whole process)", **details)
+    report_memory(compiled, platform, details)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-from polm_jax.config import Config, load_config  # noqa: E402
-from polm_jax.recipes.sft import run_sft  # noqa: E402
+from polm_jax.config import Config, load_config
+from polm_jax.recipes.sft import run_sft
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sft_tiny.yaml")
 

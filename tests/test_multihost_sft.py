@@ -11,20 +11,23 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 import polm_jax as pj
 from polm_jax.config import Config, load_config
 from polm_jax.data.pipeline import sft_dataset
 from polm_jax.data.sources import open_sources
 from polm_jax.data.tokenizer import byte_tokenizer
+from polm_jax.errors import CheckpointError
 from polm_jax.recipes.sft import run_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "sft_tiny.yaml")
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_sft_worker.py")
-STEPS, BATCH, EXAMPLES = 4, 8, 64
+STEPS, BATCH = 4, 8
+EXAMPLES = STEPS * BATCH
 # No packing: a host packs only its own stream, so packed global batches would depend on the host count.
-# One epoch of EXAMPLES = 2 * STEPS * BATCH examples: each host reads exactly its half, read-ahead included.
+# One epoch of exactly STEPS batches: every example is read once, read-ahead included, so the counts are exact.
 OVERRIDES = ["model.overrides={num_layers: 2}", "data.max_length=64", "data.packing=false", "data.eval=[]",
              f"data.train=[synthetic:arithmetic:{EXAMPLES}]", "data.epochs=1", "optim.warmup_steps=2",
              f"train.steps={STEPS}", f"train.batch_size={BATCH}", "train.progress=false", "train.tensorboard=false",
@@ -85,6 +88,7 @@ def test_two_processes_train_like_one_and_read_their_own_shards(tmp_path):
 
     # Each process read exactly its strided half of the stream (example k on process k % 2), and nothing else.
     tokens, loss_tokens = _stream_counts(_cfg(one))
+    assert single.last["data/examples"] == EXAMPLES and single.last["data/tokens"] == tokens.sum()
     for i, s in enumerate(seen):
         data = s["last"]
         assert data["data/examples"] == EXAMPLES // 2, data
@@ -94,7 +98,8 @@ def test_two_processes_train_like_one_and_read_their_own_shards(tmp_path):
     # One checkpoint folder written by both processes: each one's data position, and the state, which
     # restores in one process onto the 8-device mesh and equals the 1-process run's.
     step = two / "checkpoints" / str(STEPS)
-    assert sorted(os.listdir(step / "data")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    positions = sorted(n for n in os.listdir(step / "data") if n.startswith("process_"))
+    assert positions == ["process_0-of-2.json", "process_1-of-2.json"]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), single.state)
     restored = ocp.StandardCheckpointer().restore(step / "state", abstract)
     assert int(restored.step) == STEPS
@@ -103,3 +108,7 @@ def test_two_processes_train_like_one_and_read_their_own_shards(tmp_path):
     final = pj.load(str(two / "final"))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  final.params, restored.params)
+
+    # Resuming it with another number of processes is refused with the reason (the data position is per process).
+    with pytest.raises(CheckpointError, match="another number of processes"):
+        run_sft(load_config(Config, TINY, [*OVERRIDES, f"train.output_dir={two}", f"train.steps={STEPS + 1}"]))

@@ -17,7 +17,7 @@ from hf_models import build_hf_model
 
 import polm_jax as pj
 from polm_jax.config import Config, load_config
-from polm_jax.errors import DataError, TrainingError
+from polm_jax.errors import CheckpointError, DataError, TrainingError
 from polm_jax.models import lora
 from polm_jax.recipes.sft import run_sft
 from polm_jax.train.checkpoint import Checkpointer
@@ -213,3 +213,9 @@ def test_plan_sizes_an_8b_lora_run_without_allocating_it(tmp_path):
     assert 1.8 * 2**30 < figures["param_bytes_per_device"] < 2.2 * 2**30  # 16 GB of bf16 over 8 chips
     assert figures["step_peak_bytes"] > figures["param_bytes_per_device"]
     assert 40e9 < figures["flops_per_token"] < 60e9
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused(tmp_path):
+    run_sft(_cfg(tmp_path / "run", "train.steps=1"))
+    with pytest.raises(CheckpointError, match="does not match this run's model"):
+        run_sft(_cfg(tmp_path / "run", "train.steps=2", "model.overrides={num_layers: 3}"))

@@ -209,6 +209,8 @@ class Session:
         abstract = abstract_state(self.optimizer, self.layout.trainable_shapes, shardings)
         try:
             return checkpointer.restore(latest, abstract, iterator)
+        except CheckpointError:
+            raise
         except (ValueError, KeyError, TypeError) as e:
             where = os.path.join(self.cfg.train.output_dir, "checkpoints", str(latest))
             raise CheckpointError(f"{where}: cannot resume from this checkpoint; it does not match this run's "
