@@ -56,6 +56,7 @@ def test_the_tiny_model_learns_arithmetic(tmp_path):
     assert os.listdir(out / "tensorboard") and Checkpointer(str(out / "checkpoints")).all_steps() == [30, 60]
     model = pj.load(str(out / "final"))
     assert model.tokenizer is not None and model.tokenizer.vocab_size <= model.config.vocab_size
+    assert model.config.eos_token_id == model.tokenizer.eos_id  # the exported model stops where its tokenizer does
     _assert_same(model.params, result.state.params)
 
 

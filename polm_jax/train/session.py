@@ -98,7 +98,11 @@ class Session:
         model = api.from_section(cfg.model, seed=cfg.seed, mesh=mesh, rules=cfg.mesh.rules)
         if cfg.lora.rank:
             model.config = model.config.replace(lora_dropout=cfg.lora.dropout)
-        model.tokenizer = _tokenizer(cfg, model)
+        tokenizer = _tokenizer(cfg, model)
+        if tokenizer is not model.tokenizer:  # the model speaks this tokenizer's special tokens from now on
+            model.config = model.config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                                pad_token_id=tokenizer.pad_id)
+        model.tokenizer = tokenizer
         layout = param_layout(cfg, model.config, mesh)
         if cfg.lora.rank:
             init = jax.jit(lora.init_adapters, static_argnums=(0, 1, 2), out_shardings=layout.trainable_shardings)
