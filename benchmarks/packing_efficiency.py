@@ -44,18 +44,21 @@ def write_records(path: str, lengths: np.ndarray, rng: np.random.Generator) -> N
 
 
 def measure(path: str, section: DataSection, batch: int, batches: int) -> dict:
-    """Reads `batches` batches of sft_dataset(path); totals of loop.batch_stats, loss targets and seconds."""
+    """Reads `batches` batches of sft_dataset(path): totals of loop.batch_stats and loss targets; examples and
+    seconds after the first batch (start-up excluded) for the throughput."""
     ds, _ = sft_dataset(open_sources([path], section), section, byte_tokenizer(), batch_size=batch, seed=0)
     totals = {"tokens": 0, "slots": 0, "examples": 0, "rows": 0, "targets": 0}
-    t0 = time.perf_counter()
     iterator = iter(ds)
-    for _ in range(batches):
+    for i in range(batches):
         rows = next(iterator)
+        if i == 0:
+            t0, first = time.perf_counter(), batch_stats(rows)
         for key, value in batch_stats(rows).items():
             totals[key] += value
         totals["targets"] += int(rows["loss_mask"].sum())
-    totals["seconds"] = time.perf_counter() - t0
-    return totals
+    seconds = time.perf_counter() - t0
+    return {**totals, "rate_examples": totals["examples"] - first["examples"],
+            "rate_tokens": totals["tokens"] - first["tokens"], "seconds": seconds}
 
 
 def main():
@@ -85,8 +88,9 @@ def main():
             emit("fill", t["tokens"] / t["slots"], "fraction of slots", **details)
             emit("loss_targets_per_slot", t["targets"] / t["slots"], "fraction of slots", **details)
             emit("examples_per_row", t["examples"] / t["rows"], "examples/row", **details)
-            emit("pipeline_examples_per_s", t["examples"] / t["seconds"], "examples/s",
-                 tokens_per_s=round(t["tokens"] / t["seconds"]), threads=section.num_threads, **details)
+            emit("pipeline_examples_per_s", t["rate_examples"] / t["seconds"], "examples/s",
+                 tokens_per_s=round(t["rate_tokens"] / t["seconds"]), threads=section.num_threads,
+                 timing="after the first batch", load_avg_1m=round(os.getloadavg()[0], 2), **details)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def main():
     emit("sft_step_s", seconds, "s", steps=args.steps, timing="median step", mean_s=round(float(np.mean(times)), 4),
          min_s=round(min(times), 4), max_s=round(max(times), 4), loss=round(loss, 4), **details)
     emit("sft_tokens_per_s", tokens / seconds, "tokens/s", timing="median step", **details)
-    model_flops = flops_per_token(config, args.seq_len) * tokens / seconds  # 3x forward, as Session.train counts MFU
+    model_flops = flops_per_token(config, args.seq_len, weight_grads=not args.lora_rank) * tokens / seconds
     emit("sft_model_tflops_per_s", model_flops / 1e12, "TFLOP/s", **details)
     peak = peak_flops()
     if peak:

@@ -213,7 +213,7 @@ def test_plan_sizes_an_8b_lora_run_without_allocating_it(tmp_path):
     assert 0 < figures["trainable_params"] < 0.01 * figures["params"]
     assert 1.8 * 2**30 < figures["param_bytes_per_device"] < 2.2 * 2**30  # 16 GB of bf16 over 8 chips
     assert figures["step_peak_bytes"] > figures["param_bytes_per_device"]
-    assert 40e9 < figures["flops_per_token"] < 60e9
+    assert 28e9 < figures["flops_per_token"] < 36e9  # 4 x 7.5B frozen weights (no weight gradients) + attention
 
 
 def test_resuming_a_checkpoint_of_another_model_is_refused(tmp_path):

@@ -27,14 +27,16 @@ def peak_flops(device=None) -> float | None:
     return next((v for k, v in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])) if kind.startswith(k)), None)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool = True) -> float:
-    """Model FLOPs per token of a [*, seq_len] forward (x3 with the backward): 2 per weight (embedding lookup
-    excluded, output projection included) plus causal attention scores and values."""
+def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool = True, weight_grads: bool = True) -> float:
+    """Model FLOPs per token of a [*, seq_len] pass: 2 per weight (embedding lookup excluded, output projection
+    included) plus causal attention scores and values; the backward doubles that for input gradients and, with
+    `weight_grads` (not for a frozen LoRA base), again for weight gradients."""
     weights = config.num_params() - config.vocab_size * config.hidden_size * (0 if config.tie_embeddings else 1)
     windows = [min(config.sliding_window, seq_len) if s else seq_len for s in config.is_sliding]
     attention = sum(2 * 2 * config.num_heads * config.head_dim * w / 2 for w in windows)  # q.k and p.v, causal half
-    forward = 2 * weights + attention
-    return forward * (3 if backward else 1)
+    if not backward:
+        return 2 * weights + attention
+    return (6 if weight_grads else 4) * weights + 3 * attention
 
 
 class MetricsWriter:

@@ -69,7 +69,7 @@ def plan(cfg: Config) -> dict:
         + _device_bytes(layout.frozen_shapes, layout.frozen_shardings),
         "optimizer_bytes_per_device": _device_bytes(opt_shapes, shardings.opt_state),
         "tokens_per_step": rows * length,
-        "flops_per_token": flops_per_token(config, length),
+        "flops_per_token": flops_per_token(config, length, weight_grads=not cfg.lora.rank),
         "compile_seconds": round(compile_s, 2),
     }
     if memory is not None:

@@ -145,9 +145,9 @@ class Session:
             raise ConfigError(f"train.batch_size: {size} rows cannot be split evenly over {n} processes")
         return size // n
 
-    def batch_shardings(self, batch: dict) -> dict:
-        """Shardings of a global batch (leading axis over the mesh's batch axes)."""
-        rows = self.cfg.train.batch_size
+    def batch_shardings(self, batch: dict, rows: int | None = None) -> dict:
+        """Shardings of a global batch of `rows` (default train.batch_size): leading axis over the batch axes."""
+        rows = rows or self.cfg.train.batch_size
         return {k: parallel.batch_sharding((rows, *np.shape(v)[1:]), self.mesh, self.cfg.mesh.rules)
                 for k, v in batch.items()}
 
@@ -172,9 +172,7 @@ class Session:
         cfg, out = self.cfg, self.cfg.train.output_dir
         shardings = self.state_shardings()
         batch_shardings = self.batch_shardings(example_batch)
-        micro_rows = cfg.train.batch_size // cfg.train.microbatches
-        micro_shardings = {k: parallel.batch_sharding((micro_rows, *np.shape(v)[1:]), self.mesh, cfg.mesh.rules)
-                           for k, v in example_batch.items()}
+        micro_shardings = self.batch_shardings(example_batch, cfg.train.batch_size // cfg.train.microbatches)
         train_step = step_lib.make_train_step(loss_fn, self.optimizer, state_shardings=shardings,
                                               frozen_shardings=self.frozen_shardings or None,
                                               batch_shardings=batch_shardings, microbatch_shardings=micro_shardings,
@@ -192,12 +190,13 @@ class Session:
         options = LoopOptions(total_steps=cfg.train.steps, log_every=cfg.train.log_every,
                               eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
                               on_nan=cfg.train.on_nan, stop_at=cfg.train.stop_at, progress=cfg.train.progress,
-                              flops_per_token=flops_per_token(self.model.config, seq_len),
+                              flops_per_token=flops_per_token(self.model.config, seq_len, weight_grads=not cfg.lora.rank),
                               peak_flops=cfg.train.peak_flops or peak_flops())
         try:
-            result = fit(state, self.frozen, train_step, iterator, put_batch=self.put_batch, options=options,
-                         writer=writer, checkpointer=checkpointer, data_iterator=iterator, eval_fn=eval_fn,
-                         data_stats=data_stats)
+            with parallel.activation_sharding(self.mesh, cfg.mesh.rules):  # activations constrained to the mesh
+                result = fit(state, self.frozen, train_step, iterator, put_batch=self.put_batch, options=options,
+                             writer=writer, checkpointer=checkpointer, data_iterator=iterator, eval_fn=eval_fn,
+                             data_stats=data_stats)
         finally:
             writer.close()
             checkpointer.close()
