@@ -125,11 +125,6 @@ class Session:
         """The params the model reads: adapters applied to the base with LoRA, else the trainable params."""
         return combine_params(self.layout.lora_scale, trainable, frozen)
 
-    def reference_params(self, trainable: dict, frozen: dict) -> dict:
-        """The model with LoRA adapters off (the base): a reference without a second copy."""
-        del trainable
-        return frozen
-
     def final_params(self, trainable: dict) -> dict:
         """Full model params for export: adapters merged into the base with LoRA."""
         if self.layout.lora_scale is None:
