@@ -15,7 +15,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from polm_jax.errors import CheckpointError
-
 from polm_jax.train.state import TrainState
 
 

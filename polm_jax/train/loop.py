@@ -71,7 +71,7 @@ def batch_stats(batch: dict) -> dict:
     """Host-side figures of a batch: real (non-padding) tokens, slots (rows x length), examples, rows."""
     seg = np.asarray(batch["segment_ids"])
     real = int((seg > 0).sum())
-    examples = int(sum(len(np.unique(row[row > 0])) for row in seg))
+    examples = int(seg.max(axis=1).sum())  # segments are numbered 1, 2, ... in each row
     return {"tokens": real, "slots": int(seg.size), "examples": examples, "rows": int(seg.shape[0])}
 
 

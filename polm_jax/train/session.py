@@ -8,6 +8,7 @@ state, checkpoints with resume, metrics, the loop, and the final export.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from polm_jax import api, parallel
 from polm_jax.config import Config, dump_yaml
@@ -223,22 +223,16 @@ class Session:
     def evaluator(self, loss_fn: step_lib.LossFn, dataset, example_batch: dict,
                   num_batches: int | None = None) -> Callable:
         """`eval_fn(state) -> {"eval_loss": ...}`: the loss's token-weighted mean over a fresh pass of `dataset`
-        (`num_batches` batches, or all of them). A process whose shard runs out first feeds empty batches, so
-        every process runs the same number of steps."""
-        shardings = self.batch_shardings(example_batch)
+        (its first `num_batches` batches, or all). Every process's `dataset` must yield the same number of
+        batches (the SFT pipeline's eval mode pads its shards to make it so)."""
         eval_step = step_lib.make_eval_step(loss_fn, params_shardings=self.trainable_shardings,
                                             frozen_shardings=self.frozen_shardings or None,
-                                            batch_shardings=shardings)
-        empty = {k: np.zeros_like(v) for k, v in example_batch.items()}
-        steps = [num_batches]
+                                            batch_shardings=self.batch_shardings(example_batch))
 
         def eval_fn(state) -> dict:
-            if steps[0] is None:  # the longest shard's batch count, agreed by all processes
-                local = sum(1 for _ in dataset)
-                steps[0] = int(np.max(multihost_utils.process_allgather(np.int32(local))))
-            iterator, total, count = iter(dataset), 0.0, 0.0
-            for _ in range(steps[0]):
-                out = jax.device_get(eval_step(state.params, self.frozen, self.put_batch(next(iterator, empty))))
+            total = count = 0.0
+            for batch in itertools.islice(dataset, num_batches):
+                out = jax.device_get(eval_step(state.params, self.frozen, self.put_batch(batch)))
                 total, count = total + float(out["sum"]), count + float(out["count"])
             return {"eval_loss": total / max(count, 1.0), "eval_count": count}
 

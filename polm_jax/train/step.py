@@ -44,14 +44,14 @@ def accumulate(loss_fn: LossFn, params: dict, frozen: dict, batch: dict, rng, mi
 
     if microbatches == 1:
         return one(batch, rng)
-    keys = jax.random.split(rng, microbatches)
-    first = jax.eval_shape(one, jax.tree.map(lambda x: x[0], _microbatches(batch, microbatches)), keys[0])
+    keys, parts = jax.random.split(rng, microbatches), _microbatches(batch, microbatches)
+    first = jax.eval_shape(one, jax.tree.map(lambda x: x[0], parts), keys[0])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
 
     def body(acc, xs):
         return jax.tree.map(jnp.add, acc, one(*xs)), None
 
-    totals, _ = jax.lax.scan(body, zeros, (_microbatches(batch, microbatches), keys))
+    totals, _ = jax.lax.scan(body, zeros, (parts, keys))
     return totals
 
 
