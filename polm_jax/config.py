@@ -24,7 +24,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from polm_jax.errors import ConfigError
-from polm_jax.models.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+from polm_jax.models.config import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    LOGPROB_IMPLS,
+    REMAT_POLICIES,
+)
 from polm_jax.models.lora import TARGET_MODULES
 
 _Path = tuple  # a path into the config: str keys and int list indices
@@ -83,7 +88,7 @@ def from_dict(cls: type, data: dict, *, source: str = "<dict>") -> Any:
 def to_dict(cfg: Any) -> Any:
     """The config as plain dicts, lists and scalars (tuples become lists), ready for YAML or JSON."""
     if is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+        return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)):
@@ -186,7 +191,7 @@ def _build(cls: type, data: Any, path: _Path, where: _Where) -> Any:
         data = {}  # an empty section (`model:` with nothing under it) takes every default
     if not isinstance(data, dict):
         raise _type_error(cls, data, path, where)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {_key(f): f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
             raise _unknown_key(str(key), list(fields), path, where)
@@ -194,13 +199,18 @@ def _build(cls: type, data: Any, path: _Path, where: _Where) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], path + (name,), where)
+            kwargs[f.name] = _convert(hints[f.name], data[name], path + (name,), where)
         elif f.default is MISSING and f.default_factory is MISSING:
             key, origin = _dotted(path + (name,)), where(path + (name,))
             raise ConfigError(f"{origin}: missing required key '{key}'; set it in the file or pass {key}=...")
     obj = cls(**kwargs)
     _validate(obj, list(fields), path, where)
     return obj
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in YAML: its name, less a trailing underscore (`lambda_` is written `lambda`)."""
+    return f.name.removesuffix("_")
 
 
 def _convert(tp: Any, value: Any, path: _Path, where: _Where, shown: Any = None) -> Any:
@@ -374,6 +384,7 @@ class ModelSection:
     param_dtype: Dtype | None = None  # parameter dtype (None: the preset's / checkpoint's)
     remat: Literal[REMAT_POLICIES] | None = None  # activation checkpointing policy
     attention_impl: Literal[ATTENTION_IMPLS] | None = None  # see polm_jax.ops.attention
+    logprob_impl: Literal[LOGPROB_IMPLS] | None = None  # see polm_jax.ops.logprob
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields to change, e.g. {num_layers: 4}
 
 
@@ -488,6 +499,85 @@ class TrainSection:
             raise ConfigError(f"microbatches: {self.microbatches} does not divide batch_size {self.batch_size}")
 
 
+PREFERENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "kto", "sft")
+
+
+@dataclass
+class PreferenceSection:
+    loss_type: Literal[PREFERENCE_LOSSES] | list[Literal[PREFERENCE_LOSSES]] = "sigmoid"  # a list is summed (loss_weights)
+    loss_weights: list[float] | None = None  # one per loss_type (None: all 1)
+    beta: float = 0.1  # inverse temperature of the implicit reward (DPO 0.1; SimPO 2-2.5)
+    label_smoothing: float = 0.0  # cDPO / robust DPO: the assumed probability that a label is flipped
+    gamma: float = 0.5  # SimPO's target reward margin
+    lambda_: float = 0.1  # ORPO's weight of the odds-ratio term (written `lambda`)
+    desirable_weight: float = 1.0  # KTO: weight of desirable examples
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
+    precompute_ref: bool = False  # compute reference log-probs once before training, store and reuse them
+    ref_logps_dir: str | None = None  # where they are stored (None: beside the data file, else output_dir)
+
+    @property
+    def losses(self) -> list[tuple[str, float]]:
+        """(loss name, weight) pairs."""
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        return list(zip(names, self.loss_weights or [1.0] * len(names)))
+
+    def validate(self) -> None:
+        names = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if not names:
+            raise ConfigError("loss_type: give at least one loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ConfigError(f"loss_weights: {len(self.loss_weights)} weights for {len(names)} losses {names}")
+        if "kto" in names and len(names) > 1:
+            raise ConfigError("loss_type: kto trains on unpaired data and cannot be combined with paired losses")
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = 256  # tokens generated per completion at most
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    min_p: float = 0.0  # drop tokens below min_p times the most likely one's probability (0: off)
+    n: int = 1  # samples per prompt (eval: raised to the K of pass@K / maj@K)
+    stop: list[str] = field(default_factory=list)  # stop strings (matched as token sequences), besides EOS
+    seed: int | None = None  # None: the run's seed
+    max_prompt_length: int | None = None  # None: the model's max positions - max_new_tokens
+    prompt_truncation: Literal["error", "left"] = "error"  # a longer prompt: an error, or keep its last tokens
+
+    def validate(self) -> None:
+        from polm_jax.sampling.params import SamplingParams
+
+        SamplingParams.from_section(self, seed=0)  # raises "field: problem"
+
+
+@dataclass
+class EvalSection:
+    metric: str = "exact_match"  # exact_match | pass@K | maj@K
+    batch_size: int = 32  # prompts per generation call
+    limit: int | None = None  # evaluate the first N records of data.eval only (None: all)
+    chat: bool = False  # prompts as a user turn of the tokenizer's chat template, with the generation prompt
+    prompt_format: str = "{prompt}"  # the prompt text; {prompt} is the record's prompt field
+    answer_field: str = "answer"  # the record field with the gold answer (GSM8K's "... #### 42", or just "42")
+    last_number: bool = True  # a completion without #### or \boxed{}: its last number is the answer
+    output: str = "runs/eval/samples.jsonl"  # every sample as a JSON line
+    progress: bool = True  # a progress bar over prompts
+
+    def validate(self) -> None:
+        from polm_jax.eval.metrics import parse_metric
+
+        parse_metric(self.metric)  # raises "metric: problem"
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: must be >= 1 or null (all), got {self.limit}")
+        if "{prompt}" not in self.prompt_format:
+            raise ConfigError(f"prompt_format: must contain {{prompt}}, got {self.prompt_format!r}")
+
+
 @dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)  # which model, in which dtypes
@@ -496,4 +586,7 @@ class Config:
     optim: OptimSection = field(default_factory=OptimSection)  # AdamW, schedule, clipping
     lora: LoRASection = field(default_factory=LoRASection)  # low-rank adapters (rank 0: off)
     train: TrainSection = field(default_factory=TrainSection)  # steps, batch, eval, checkpoints, logs
+    preference: PreferenceSection = field(default_factory=PreferenceSection)  # DPO family, KTO, reward models
+    sampling: SamplingSection = field(default_factory=SamplingSection)  # generation (eval, generate, RL rollouts)
+    eval: EvalSection = field(default_factory=EvalSection)  # polm eval: metric, prompts, answers, output
     seed: int = 0  # the run's root random seed

@@ -208,9 +208,13 @@ class DataStats:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-class _Examples:
-    """index -> {"tokens", "loss_mask"} [T], or with `rows` a padded row of BATCH_KEYS [max_length]; None when
-    the record is skipped or dropped, or with `fill` an empty row instead (also past the source's end)."""
+class Examples:
+    """index -> an encoded example {"tokens", "loss_mask", ...} [T], or with `rows` a padded row; None when the
+    record is skipped or dropped, or with `fill` an empty row instead (also past the source's end).
+
+    Subclasses define `encode(index) -> (example, truncated) | str` (a str: why the record was dropped; raise
+    DataError for a malformed record) and `row(example | None)`; this class applies data.on_error and counts.
+    """
 
     def __init__(self, source, tokenizer: Tokenizer, section: DataSection, stats: DataStats, *,
                  rows: bool, fill: bool, give_up_after: int):
@@ -222,29 +226,34 @@ class _Examples:
         example = self._example(index) if index < len(self.source) else None
         if example is None and not self.fill:
             return None
-        return self._row(example) if self.rows else example
+        return self.row(example) if self.rows else example
+
+    def encode(self, index: int) -> tuple[dict[str, np.ndarray], bool] | str:
+        raise NotImplementedError
+
+    def row(self, example: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def record(self, index: int) -> tuple[dict, str]:
+        """The source's record `index` and where it is (for messages)."""
+        record = self.source[index]
+        return record, record.get("_where", f"record {index}") if isinstance(record, dict) else f"record {index}"
 
     def _example(self, index: int) -> dict[str, np.ndarray] | None:
-        where = f"record {index}"
         try:
-            record = self.source[index]
-            where = record.get("_where", where) if isinstance(record, dict) else where
-            ids, mask = encode_example(record, self.tokenizer, self.section)
+            encoded = self.encode(index)
         except DataError as e:
             if self.section.on_error != "skip":
                 raise
             self._reject(f"skipped {e}", skipped=1)
             return None
-        fitted = fit_length(ids, mask, self.section, where)
-        if fitted is None:
-            reason = "too long" if self.section.truncation == "drop" else "no target left after truncation"
-            self._reject(f"dropped {where}: {len(ids)} tokens > data.max_length={self.section.max_length}, "
-                         f"{reason}", dropped=1)
+        if isinstance(encoded, str):
+            self._reject(f"dropped {encoded}", dropped=1)
             return None
-        tokens, loss_mask = fitted
-        self.stats.add(examples=1, truncated=int(len(tokens) < len(ids)), tokens=len(tokens),
-                       loss_tokens=int(loss_mask.sum()))
-        return {"tokens": tokens, "loss_mask": loss_mask}
+        example, truncated = encoded
+        self.stats.add(examples=1, truncated=int(truncated), tokens=len(example["tokens"]),
+                       loss_tokens=int(example["loss_mask"].sum()))
+        return example
 
     def _reject(self, problem: str, **counts: int) -> None:
         """Counts a skipped or dropped record; DataError once every record read so far was rejected
@@ -255,12 +264,28 @@ class _Examples:
             raise DataError(f"none of the {stats.skipped + stats.dropped} records read so far could be used "
                             f"({stats.skipped} skipped, {stats.dropped} dropped), the first: {stats.problems[0]}")
 
-    def _row(self, example: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """One example alone in a row of max_length (an empty row when None)."""
+    def empty_row(self, dtypes: dict[str, type]) -> dict[str, np.ndarray]:
+        """A row of max_length per key: tokens the pad id, everything else 0."""
         length = self.section.max_length
+        return {k: np.full(length, self.pad_id if k == "tokens" else 0, dtype) for k, dtype in dtypes.items()}
+
+
+class _SFTExamples(Examples):
+    """SFT records: encode_example, then fit_length."""
+
+    def encode(self, index: int) -> tuple[dict[str, np.ndarray], bool] | str:
+        record, where = self.record(index)
+        ids, mask = encode_example(record, self.tokenizer, self.section)
+        fitted = fit_length(ids, mask, self.section, where)
+        if fitted is None:
+            reason = "too long" if self.section.truncation == "drop" else "no target left after truncation"
+            return f"{where}: {len(ids)} tokens > data.max_length={self.section.max_length}, {reason}"
+        return {"tokens": fitted[0], "loss_mask": fitted[1]}, len(fitted[0]) < len(ids)
+
+    def row(self, example: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """One example alone in a row of max_length (an empty row when None)."""
+        row = self.empty_row(dict.fromkeys(BATCH_KEYS, np.int32))
         n = 0 if example is None else len(example["tokens"])
-        row = {"tokens": np.full(length, self.pad_id, np.int32), "positions": np.zeros(length, np.int32),
-               "segment_ids": np.zeros(length, np.int32), "loss_mask": np.zeros(length, np.int32)}
         if n:
             row["tokens"][:n], row["loss_mask"][:n] = example["tokens"], example["loss_mask"]
             row["positions"][:n], row["segment_ids"][:n] = np.arange(n), 1
@@ -285,17 +310,31 @@ def sft_dataset(source, section: DataSection, tokenizer: Tokenizer, *, batch_siz
     with empty rows (segment 0), so every host gets the same number of full-shape batches.
     `iter(ds)` has get_state()/set_state() for exact resume.
     """
+    check_shard(shard_index, shard_count, batch_size, source)
+    stats = DataStats()
+    pack = train and section.packing
+    examples = _SFTExamples(source, tokenizer, section, stats, rows=not pack, fill=not train,
+                            give_up_after=len(source) * shard_count)
+    ds = batched(examples, section, batch_size=batch_size, seed=seed, shard_index=shard_index,
+                 shard_count=shard_count, train=train, pack_keys=("tokens", "loss_mask"), packed_row=_packed_row)
+    return ds, stats
+
+
+def check_shard(shard_index: int, shard_count: int, batch_size: int, source) -> None:
+    """ValueError / DataError for an impossible shard, batch size or an empty source."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    size = len(source)
-    if size == 0:
+    if len(source) == 0:
         raise DataError(f"the data source {source!r:.200} is empty; check data.train / data.eval")
-    stats = DataStats()
-    pack = train and section.packing
-    examples = _Examples(source, tokenizer, section, stats, rows=not pack, fill=not train,
-                         give_up_after=size * shard_count)
+
+
+def batched(examples: Examples, section: DataSection, *, batch_size: int, seed: int, shard_index: int,
+            shard_count: int, train: bool, pack_keys: tuple[str, ...], packed_row) -> grain.IterDataset:
+    """The grain pipeline over `examples` (see sft_dataset for the order, sharding and eval padding); packing
+    (train and data.packing) packs `pack_keys` into rows and maps grain's output through `packed_row`."""
+    size = len(examples.source)
     if train:
         ds = grain.MapDataset.range(size)
         if section.shuffle:
@@ -305,13 +344,13 @@ def sft_dataset(source, section: DataSection, tokenizer: Tokenizer, *, batch_siz
         ds = grain.MapDataset.range(math.ceil(size / (shard_count * batch_size)) * shard_count * batch_size)
     ds = ds[shard_index::shard_count].map(examples)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=section.num_threads, prefetch_buffer_size=READ_AHEAD))
-    if pack:
+    if train and section.packing:
         ds = grain.experimental.BestFitPackIterDataset(
-            ds, length_struct={"tokens": section.max_length, "loss_mask": section.max_length},
+            ds, length_struct=dict.fromkeys(pack_keys, section.max_length),
             num_packing_bins=max(PACKING_BINS, batch_size), shuffle_bins=False,
-            padding_struct={"tokens": examples.pad_id, "loss_mask": 0},
-        ).map(_packed_row)
+            padding_struct={k: examples.pad_id if k == "tokens" else 0 for k in pack_keys},
+        ).map(packed_row)
     ds = ds.batch(batch_size, drop_remainder=train)
     if section.prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=section.prefetch)
-    return ds, stats
+    return ds

@@ -9,7 +9,8 @@ Spec forms (data.train, data.eval):
 - `tfds:NAME[:SPLIT]` (split default train; NAME as TFDS spells it, e.g. `gsm8k/main:1.0.0`): a TFDS
   dataset prepared as array_record files in data.tfds_data_dir, read without TensorFlow;
 - `x.array_record`, or a glob of them: each record one UTF-8 JSON object (as `write_array_record` writes);
-- `synthetic:arithmetic[:N[:SEED]]` (N default 2000, seed 0): made on the spot by `synthetic.arithmetic`.
+- `synthetic:TASK[:N[:SEED]]` (N default 2000, seed 0): made on the spot by polm_jax.data.synthetic; TASK is
+  arithmetic (SFT, RL), arithmetic_pairs (preference pairs) or arithmetic_kto (unpaired, labelled).
 
 Every record is a plain dict with fields renamed by data.columns and one extra key, "_where", that
 locates it for error messages: `data.jsonl:12` (line), `tfds:gsm8k:train#41`, `x.array_record#7`,
@@ -35,8 +36,9 @@ from polm_jax.config import DataSection
 from polm_jax.data import synthetic
 from polm_jax.errors import DataError
 
-SPEC_FORMS = "x.jsonl, x.array_record (or a glob of either), tfds:NAME[:SPLIT] or synthetic:arithmetic[:N[:SEED]]"
-SYNTHETIC_TASKS = {"arithmetic": synthetic.arithmetic}
+SPEC_FORMS = "x.jsonl, x.array_record (or a glob of either), tfds:NAME[:SPLIT] or synthetic:TASK[:N[:SEED]]"
+SYNTHETIC_TASKS = {"arithmetic": synthetic.arithmetic, "arithmetic_pairs": synthetic.arithmetic_pairs,
+                   "arithmetic_kto": synthetic.arithmetic_kto}
 SYNTHETIC_DEFAULT_N = 2000
 _TFDS_SPEC = re.compile(r"tfds:(?P<name>[^:\[\]]+(?::[0-9*]+\.[0-9*]+\.[0-9*]+)?)(?::(?P<split>.+))?")
 _SCAN_CHUNK = 1 << 22  # bytes read at a time while indexing a JSONL file

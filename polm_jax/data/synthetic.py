@@ -1,6 +1,8 @@
 """Synthetic tasks: small, learnable and verifiable records made on the spot (no files, no network).
 
-    arithmetic(3)  # [{"prompt": "What is 37 + 5?", "completion": "42", "answer": "42"}, ...]
+    arithmetic(3)        # [{"prompt": "What is 37 + 5?", "completion": "42", "answer": "42"}, ...]
+    arithmetic_pairs(3)  # [{"prompt": "What is 37 + 5?", "chosen": "42", "rejected": "43", "answer": "42"}, ...]
+    arithmetic_kto(3)    # [{"prompt": ..., "completion": "42" or a wrong result, "label": True or False}, ...]
 
 `answer` is the ground truth a reward function checks (RL); `completion` is the SFT target.
 """
@@ -35,3 +37,27 @@ def _problem(rng: random.Random) -> dict:
         a, b = b, a
     result = str(a + b if op == "+" else a - b if op == "-" else a * b)
     return {"prompt": f"What is {a} {op} {b}?", "completion": result, "answer": result}
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A plausible wrong result: off by 1 to 9 either way (so its last digit differs), never negative."""
+    value = int(answer)
+    return str(value + rng.choice([d for d in range(-9, 10) if d and value + d >= 0]))
+
+
+def arithmetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    """`n` preference records: the arithmetic problems with the right result chosen and a wrong one rejected."""
+    rng = random.Random(seed + 1_000_003)
+    return [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": wrong_answer(r["answer"], rng),
+             "answer": r["answer"]} for r in arithmetic(n, seed)]
+
+
+def arithmetic_kto(n: int, seed: int = 0) -> list[dict]:
+    """`n` unpaired (KTO) records: each problem with the right result (label true) or a wrong one (false)."""
+    rng = random.Random(seed + 2_000_003)
+    out = []
+    for r in arithmetic(n, seed):
+        good = rng.random() < 0.5
+        out.append({"prompt": r["prompt"], "completion": r["answer"] if good else wrong_answer(r["answer"], rng),
+                    "label": good, "answer": r["answer"]})
+    return out

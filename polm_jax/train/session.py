@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -51,17 +52,18 @@ class ParamLayout:
 
     trainable_shapes: dict
     trainable_shardings: dict
-    frozen_shapes: dict  # LoRA: the base model; full fine-tuning: {}
+    frozen_shapes: dict  # LoRA: the base model; full fine-tuning: {} (or the reference's copy)
     frozen_shardings: dict
     lora_scale: float | None  # alpha / rank when LoRA is on
 
 
-def param_layout(cfg: Config, config: ModelConfig, mesh) -> ParamLayout:
-    """The trainable/frozen split of `config`'s params on `mesh` under cfg.lora and cfg.mesh.rules."""
+def param_layout(cfg: Config, config: ModelConfig, mesh, *, reference: bool = False) -> ParamLayout:
+    """The trainable/frozen split of `config`'s params on `mesh` under cfg.lora and cfg.mesh.rules; `reference`
+    keeps a frozen copy of the full params in full fine-tuning."""
     rules = cfg.mesh.rules
     shapes, shardings = param_shapes(config), api.param_shardings(config, mesh, rules)
     if not cfg.lora.rank:
-        return ParamLayout(shapes, shardings, {}, {}, None)
+        return ParamLayout(shapes, shardings, *((shapes, shardings) if reference else ({}, {})), None)
     r, targets = cfg.lora.rank, tuple(cfg.lora.targets)
     adapter_shapes = lora.adapter_shapes(config, r, targets)
     adapter_shardings = parallel.shardings(lora.adapter_logical_axes(config, r, targets), adapter_shapes, mesh, rules)
@@ -89,11 +91,13 @@ class Session:
     tokenizer: Tokenizer
     layout: ParamLayout
     trainable: dict  # initial trainable params (LoRA: adapters)
-    frozen: dict  # held fixed (LoRA: the base model; full fine-tuning: {})
+    frozen: dict  # held fixed (LoRA: the base model; full fine-tuning: {}, or the reference's copy)
     optimizer: optax.GradientTransformation
 
     @classmethod
-    def create(cls, cfg: Config) -> Session:
+    def create(cls, cfg: Config, *, reference: bool = False) -> Session:
+        """Sets up the run; `reference`: keep the initial weights as frozen params (a copy in full fine-tuning; with
+        LoRA the frozen base already is the model with adapters off)."""
         mesh = parallel.mesh_from_config(cfg.mesh)
         model = api.from_section(cfg.model, seed=cfg.seed, mesh=mesh, rules=cfg.mesh.rules)
         if cfg.lora.rank:
@@ -103,13 +107,15 @@ class Session:
             model.config = model.config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                                                 pad_token_id=tokenizer.pad_id)
         model.tokenizer = tokenizer
-        layout = param_layout(cfg, model.config, mesh)
+        layout = param_layout(cfg, model.config, mesh, reference=reference)
         if cfg.lora.rank:
             init = jax.jit(lora.init_adapters, static_argnums=(0, 1, 2), out_shardings=layout.trainable_shardings)
             trainable = init(model.config, cfg.lora.rank, tuple(cfg.lora.targets), jax.random.PRNGKey(cfg.seed + 1))
             frozen = model.params
         else:
-            trainable, frozen = model.params, {}
+            trainable = model.params
+            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=layout.frozen_shardings)
+            frozen = copy(model.params) if reference else {}  # trainable params are donated to the step
         optimizer = make_optimizer(cfg.optim, cfg.train.steps)
         return cls(cfg, mesh, model, model.tokenizer, layout, trainable, frozen, optimizer)
 
@@ -222,7 +228,8 @@ class Session:
 
     def evaluator(self, loss_fn: step_lib.LossFn, dataset, example_batch: dict,
                   num_batches: int | None = None) -> Callable:
-        """`eval_fn(state) -> {"eval_loss": ...}`: the loss's token-weighted mean over a fresh pass of `dataset`
+        """`eval_fn(state) -> {"eval_loss", "eval_<metric>", ...}`: the loss's (and its metrics') weighted means
+        over a fresh pass of `dataset`
         (its first `num_batches` batches, or all). Every process's `dataset` must yield the same number of
         batches (the SFT pipeline's eval mode pads its shards to make it so)."""
         eval_step = step_lib.make_eval_step(loss_fn, params_shardings=self.trainable_shardings,
@@ -230,10 +237,14 @@ class Session:
                                             batch_shardings=self.batch_shardings(example_batch))
 
         def eval_fn(state) -> dict:
-            total = count = 0.0
+            sums = None
             for batch in itertools.islice(dataset, num_batches):
                 out = jax.device_get(eval_step(state.params, self.frozen, self.put_batch(batch)))
-                total, count = total + float(out["sum"]), count + float(out["count"])
-            return {"eval_loss": total / max(count, 1.0), "eval_count": count}
+                sums = out if sums is None else jax.tree.map(np.add, sums, out)
+            if sums is None:
+                return {}
+            count = float(sums["count"])
+            metrics = {f"eval_{name}": float(s) / max(float(w), 1.0) for name, (s, w) in sums["metrics"].items()}
+            return {"eval_loss": float(sums["sum"]) / max(count, 1.0), "eval_count": count, **metrics}
 
         return eval_fn
