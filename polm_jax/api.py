@@ -91,7 +91,7 @@ def save(model: Model, folder: str):
 
 
 def _section_changes(section: ModelSection) -> dict:
-    runtime = {k: getattr(section, k) for k in ("dtype", "param_dtype", "remat", "attention_impl")}
+    runtime = {k: getattr(section, k) for k in ("dtype", "param_dtype", "remat", "attention_impl", "logprob_impl")}
     return {**section.overrides, **{k: v for k, v in runtime.items() if v is not None}}
 
 

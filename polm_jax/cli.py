@@ -105,6 +105,62 @@ def cmd_sft(args) -> None:
     print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
 
 
+def _add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--max-new-tokens", type=int, help="shorthand for sampling.max_new_tokens=...")
+    p.add_argument("--temperature", type=float, help="shorthand for sampling.temperature=... (0: greedy)")
+    p.add_argument("--top-p", type=float, help="shorthand for sampling.top_p=...")
+    p.add_argument("--top-k", type=int, help="shorthand for sampling.top_k=...")
+    p.add_argument("--seed", type=int, help="shorthand for sampling.seed=...")
+
+
+def _with_flags(args, flags: dict) -> argparse.Namespace:
+    """`args` with `flags` (dotted key -> value, None: not given) appended to its overrides."""
+    given = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    return argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *given]})
+
+
+def _sampling_flags(args) -> dict:
+    return {f"sampling.{name}": getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "top_k",
+                                                                 "seed")}
+
+
+def cmd_generate(args) -> None:
+    """Streams the model's completion of one prompt to the terminal, sampled as sampling: and the flags say."""
+    from polm_jax.eval.run import configured_model
+    from polm_jax.sampling.params import SamplingParams
+    from polm_jax.sampling.text import stream_text
+
+    cfg = _config(_with_flags(args, _sampling_flags(args)))
+    mesh = parallel.mesh_from_config(cfg.mesh)
+    model = configured_model(cfg, mesh)
+    sampling = SamplingParams.from_section(cfg.sampling, cfg.seed)
+    for piece in stream_text(model, args.prompt, sampling, chat=args.chat, stop=cfg.sampling.stop, mesh=mesh,
+                             rules=cfg.mesh.rules):
+        print(piece, end="", flush=True)
+    print(flush=True)
+
+
+def cmd_eval(args) -> None:
+    """Scores the model on data.eval (exact_match, pass@k, maj@k); every sample to eval.output, metrics as JSON."""
+    from polm_jax.eval.run import run_eval
+
+    flags = {"data.eval": args.data, "eval.metric": args.metric, "eval.output": args.output, **_sampling_flags(args)}
+    print(json.dumps(run_eval(_config(_with_flags(args, flags)))))
+
+
+def cmd_dpo(args) -> None:
+    """Preference optimisation (the DPO family, KTO) as configured; resumes from output_dir's latest checkpoint."""
+    from polm_jax.recipes.dpo import run_dpo
+
+    cfg = _config(args)
+    if args.precompute_ref:
+        cfg.preference.precompute_ref = True
+    result = run_dpo(cfg)
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
+    last = {k: result.last[k] for k in keys if k in result.last}
+    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+
+
 def _simulate_devices(count: int) -> None:
     """Plans on `count` fake CPU devices (set before JAX starts its backend)."""
     flag = f"--xla_force_host_platform_device_count={count}"
@@ -147,12 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning (full or LoRA); resumes automatically")
     _add_config_args(sft)
     sft.set_defaults(func=cmd_sft)
+    dpo = sub.add_parser("dpo", help="preference optimisation: DPO, IPO, hinge, robust, SimPO, ORPO, KTO")
+    _add_config_args(dpo)
+    dpo.add_argument("--precompute-ref", action="store_true",
+                     help="compute reference log-probs once, store them beside the data and reuse them")
+    dpo.set_defaults(func=cmd_dpo)
     plan = sub.add_parser("plan", help="params, memory per device and FLOPs of a configured train step (no allocation)")
     _add_config_args(plan)
     plan.add_argument("--devices", type=int, help="fake CPU devices to plan on (default: the mesh's size, else 8)")
     plan.add_argument("--on-device", action="store_true", help="plan on this machine's real devices instead")
     plan.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     plan.set_defaults(func=cmd_plan)
+    generate = sub.add_parser("generate", help="stream a model's completion of a prompt (KV-cache sampler)")
+    _add_config_args(generate)
+    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
+    _add_sampling_args(generate)
+    generate.set_defaults(func=cmd_generate)
+    evaluate = sub.add_parser("eval", help="exact match / pass@k / maj@k of sampled final answers on a dataset")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--data", action="append", help="shorthand for data.eval=[...] (repeat for several)")
+    evaluate.add_argument("--metric", help="shorthand for eval.metric=...: exact_match, pass@K or maj@K")
+    evaluate.add_argument("--output", help="shorthand for eval.output=...: the JSONL file of every sample")
+    _add_sampling_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
     convert = sub.add_parser("convert", help="HF folder <-> polm (orbax) checkpoint")
     convert.add_argument("src", help="a Hugging Face folder, or a polm checkpoint (then the output is HF)")
     convert.add_argument("dst", help="the output folder")

@@ -33,7 +33,11 @@ def _check_sft_lora(text: str) -> None:
     assert _line(text, "transformers sample: ").endswith("| same: True")
 
 
-CHECKS = {"quickstart.ipynb": _check_quickstart, "sft_lora.ipynb": _check_sft_lora}  # notebook -> its output check
+def _check_dpo(text: str) -> None:
+    assert float(_line(text, "final held-out reward accuracy: ")) >= 0.9
+
+
+CHECKS = {"quickstart.ipynb": _check_quickstart, "sft_lora.ipynb": _check_sft_lora, "dpo.ipynb": _check_dpo}  # notebook -> its output check
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

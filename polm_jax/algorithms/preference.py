@@ -116,29 +116,29 @@ def uses_reference(options: PreferenceSection) -> bool:
 # ----------------------------------------------------------------------------- batches -> per-sequence sums
 
 
-def sequence_sums(values, segment_ids):
-    """Per-segment sums [R, 2 * (T // 2) + 1] of values [R, T] by segment id (column s = segment s)."""
-    segments = 2 * (segment_ids.shape[1] // 2) + 1
-    return jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=segments))(values, segment_ids)
-
-
-def unit_sums(values, batch):
-    """(first, second) sums [R, U] over each unit's two sequences of token values [R, T - 1] (targets' tokens)."""
-    sums = sequence_sums(values, batch["segment_ids"][:, 1:])
+def unit_sums(values, segment_ids, units: int):
+    """(first, second) sums [R, units] over each unit's two sequences (segments 2u-1, 2u) of values [R, N] by
+    their segment ids [R, N]."""
+    sums = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=2 * units + 1))(values, segment_ids)
     return sums[:, 1::2], sums[:, 2::2]
+
+
+def max_units(batch: dict) -> int:
+    """Units a row can hold: each has two sequences of at least two tokens."""
+    return batch["segment_ids"].shape[1] // 4 + 1
 
 
 def sequence_logps(config: ModelConfig, params: dict, batch: dict, rng=None):
     """(logps, lengths), each a (first, second) pair of [R, U] arrays: each unit's two responses scored."""
     mask = target_mask(batch).astype(jnp.float32)
     logp = sequence_logprobs(config, params, batch, rng) * mask
-    return unit_sums(logp, batch), unit_sums(mask, batch)
+    targets, units = batch["segment_ids"][:, 1:], max_units(batch)  # the segment of each target token
+    return unit_sums(logp, targets, units), unit_sums(mask, targets, units)
 
 
 def sequence_values(batch: dict, key: str):
-    """(first, second) [R, U]: a per-sequence value stored on each sequence's first token of batch[key]."""
-    sums = sequence_sums(batch[key].astype(jnp.float32), batch["segment_ids"])
-    return sums[:, 1::2], sums[:, 2::2]
+    """(first, second) [R, U]: a per-sequence value of batch[key] (stored on the sequence's first token)."""
+    return unit_sums(batch[key].astype(jnp.float32), batch["segment_ids"], max_units(batch))
 
 
 def reference_logps(config: ModelConfig, frozen: dict, batch: dict):

@@ -22,20 +22,21 @@ def target_mask(batch: dict):
     return (batch["loss_mask"][:, 1:] > 0) & same
 
 
-def sequence_logprobs(config: ModelConfig, params: dict, batch: dict, rng=None, logprob_impl: str = "auto"):
-    """Log-probs [B, T-1] (f32) of tokens[:, 1:] under the model, each given the tokens before it in its segment."""
+def sequence_logprobs(config: ModelConfig, params: dict, batch: dict, rng=None):
+    """Log-probs [B, T-1] (f32) of tokens[:, 1:] under the model, each given the tokens before it in its segment;
+    computed by config.logprob_impl (see polm_jax.ops.logprob)."""
     hidden = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                      return_hidden=True, dropout_rng=rng)
     return token_logprobs(hidden[:, :-1], lm_head(config, params), batch["tokens"][:, 1:],
-                          softcap=config.final_softcap, impl=logprob_impl)
+                          softcap=config.final_softcap, impl=config.logprob_impl)
 
 
-def sft_loss(config: ModelConfig, model_params: Callable[[dict, dict], dict], logprob_impl: str = "auto"):
+def sft_loss(config: ModelConfig, model_params: Callable[[dict, dict], dict]):
     """The SFT loss_fn for make_train_step; `model_params(trainable, frozen)` builds the params the model reads."""
 
     def loss_fn(params, frozen, batch, rng):
         mask = target_mask(batch).astype(jnp.float32)
-        logp = sequence_logprobs(config, model_params(params, frozen), batch, rng, logprob_impl)
+        logp = sequence_logprobs(config, model_params(params, frozen), batch, rng)
         count = mask.sum()
         return -(logp * mask).sum(), count, {}
 

@@ -25,7 +25,14 @@ import grain
 import numpy as np
 
 from polm_jax.config import DataSection
-from polm_jax.data.pipeline import DataStats, Examples, batched, check_shard, encode_example, fit_length
+from polm_jax.data.pipeline import (
+    DataStats,
+    Examples,
+    batched,
+    check_shard,
+    encode_example,
+    fit_length,
+)
 from polm_jax.data.tokenizer import Tokenizer
 from polm_jax.errors import DataError
 

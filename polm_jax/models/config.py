@@ -14,6 +14,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "reference", "pallas")
+LOGPROB_IMPLS = ("auto", "xla_chunked", "pallas", "reference")  # see polm_jax.ops.logprob
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
     attention_impl: str = "auto"
+    logprob_impl: str = "auto"
     lora_dropout: float = 0.0  # dropout on the LoRA adapters' input (active only when forward gets a dropout_rng)
 
     def __post_init__(self):
@@ -62,7 +64,8 @@ class ModelConfig:
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {FAMILIES}")
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
-                              ("attention_impl", ATTENTION_IMPLS), ("activation", ("silu", "gelu_tanh"))):
+                              ("attention_impl", ATTENTION_IMPLS), ("logprob_impl", LOGPROB_IMPLS),
+                              ("activation", ("silu", "gelu_tanh"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {allowed}")
         if not 0.0 <= self.lora_dropout < 1.0:

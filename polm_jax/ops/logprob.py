@@ -1,9 +1,17 @@
-"""Per-token log-probabilities of target tokens from final hidden states, without keeping more than needed.
+"""Per-token log-probabilities (and entropies) of target tokens from final hidden states, never holding [B, T, V].
 
     logp = token_logprobs(hidden, head, targets)   # hidden [B, T, D], head [D, V], targets [B, T] -> [B, T] f32
+    logp, entropy = token_logprobs(hidden, head, targets, return_entropy=True)
 
-`impl`: "xla" (full f32 logits, then log-softmax), "reference" (the same, written plainly, for tests); "auto"
-picks the best available. Later implementations (chunked over the vocabulary, Pallas) plug in here.
+Logits are hidden @ head accumulated in f32 (the head cast to the hidden states' dtype first), soft-capped as
+softcap * tanh(x / softcap) when `softcap` is set, then divided by `temperature`. Both outputs are
+differentiable. `impl` picks how pallas_kernels.fused_logprob computes them:
+  "auto"         the Pallas kernel on a single TPU device; else xla_chunked (the kernel has no sharding rule yet,
+                 and the GPU kernel is not yet checked on hardware)
+  "xla_chunked"  XLA loops over [rows, vocab] tiles of the logits; runs on every backend
+  "pallas"       the backend's Pallas kernel (Mosaic TPU, or Mosaic GPU on Hopper and newer); on CPU the TPU
+                 kernel in interpret mode, so tests can exercise it (slow)
+  "reference"    the full f32 logits and plain autodiff, for tests
 """
 
 from __future__ import annotations
@@ -11,31 +19,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "reference")
+from pallas_kernels import fused_logprob
+from polm_jax.models.config import LOGPROB_IMPLS as IMPLS
 
 
-def _logits(hidden, head, softcap, temperature):
-    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    return logits / temperature
-
-
-def _xla(hidden, head, targets, softcap, temperature):
-    logits = _logits(hidden, head, softcap, temperature)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def _reference(hidden, head, targets, softcap, temperature):
-    logp = jax.nn.log_softmax(_logits(hidden, head, softcap, temperature), axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+def _kernel_impl(impl: str) -> tuple[str, bool]:
+    """(fused_logprob's impl, interpret) for one of IMPLS."""
+    if impl == "auto" and jax.device_count() > 1:
+        return "xla_chunked", False
+    if impl != "pallas":
+        return impl, False
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "gpu", False  # Mosaic GPU: Hopper or newer, bf16/f16 (fused_logprob says so otherwise)
+    return "tpu", backend != "tpu"
 
 
 def token_logprobs(hidden, head, targets, *, softcap: float | None = None, temperature: float = 1.0,
-                   impl: str = "auto"):
-    """log softmax(softcap(hidden @ head) / temperature)[targets]: hidden [B, T, D], head [D, V] -> [B, T] f32."""
+                   impl: str = "auto", return_entropy: bool = False):
+    """log softmax(softcap(hidden @ head) / temperature)[targets]: hidden [B, T, D], head [D, V], targets [B, T]
+    -> [B, T] f32; with `return_entropy`, (log-probs, entropies), both [B, T] f32."""
     if impl not in IMPLS:
         raise ValueError(f"token_logprobs impl {impl!r} is not one of {IMPLS}")
-    fn = _reference if impl == "reference" else _xla
-    return fn(hidden, head, jnp.asarray(targets, jnp.int32), softcap, temperature)
+    b, t, d = hidden.shape
+    kernel_impl, interpret = _kernel_impl(impl)
+    out = fused_logprob(hidden.reshape(b * t, d), head.astype(hidden.dtype),
+                        jnp.asarray(targets, jnp.int32).reshape(b * t), temperature=temperature, softcap=softcap,
+                        return_entropy=return_entropy, impl=kernel_impl, interpret=interpret)
+    return tuple(x.reshape(b, t) for x in out) if return_entropy else out.reshape(b, t)
