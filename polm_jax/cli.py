@@ -1,4 +1,4 @@
-"""The `polm` command: `sft`, `plan`, `info` and `convert` (later: dpo, rm, rl, generate, eval, demo)."""
+"""The `polm` command: `sft`, `dpo`, `generate`, `eval`, `plan`, `info` and `convert` (later: rm, rl, demo)."""
 
 from __future__ import annotations
 
