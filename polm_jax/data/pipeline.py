@@ -212,8 +212,9 @@ class Examples:
     """index -> an encoded example {"tokens", "loss_mask", ...} [T], or with `rows` a padded row; None when the
     record is skipped or dropped, or with `fill` an empty row instead (also past the source's end).
 
-    Subclasses define `encode(index) -> (example, truncated) | str` (a str: why the record was dropped; raise
-    DataError for a malformed record) and `row(example | None)`; this class applies data.on_error and counts.
+    Subclasses define `encode(index)` (a record -> its token ids; DataError for a malformed record, skipped under
+    data.on_error=skip), `fit(encoded, where) -> (example, truncated) | str` (data.truncation; a str says why it
+    was dropped; its DataError for truncation=error always stops) and `row(example | None)`.
     """
 
     def __init__(self, source, tokenizer: Tokenizer, section: DataSection, stats: DataStats, *,
@@ -228,7 +229,10 @@ class Examples:
             return None
         return self.row(example) if self.rows else example
 
-    def encode(self, index: int) -> tuple[dict[str, np.ndarray], bool] | str:
+    def encode(self, index: int) -> tuple[object, str]:
+        raise NotImplementedError
+
+    def fit(self, encoded, where: str) -> tuple[dict[str, np.ndarray], bool] | str:
         raise NotImplementedError
 
     def row(self, example: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -241,16 +245,17 @@ class Examples:
 
     def _example(self, index: int) -> dict[str, np.ndarray] | None:
         try:
-            encoded = self.encode(index)
+            encoded, where = self.encode(index)
         except DataError as e:
             if self.section.on_error != "skip":
                 raise
             self._reject(f"skipped {e}", skipped=1)
             return None
-        if isinstance(encoded, str):
-            self._reject(f"dropped {encoded}", dropped=1)
+        fitted = self.fit(encoded, where)
+        if isinstance(fitted, str):
+            self._reject(f"dropped {fitted}", dropped=1)
             return None
-        example, truncated = encoded
+        example, truncated = fitted
         self.stats.add(examples=1, truncated=int(truncated), tokens=len(example["tokens"]),
                        loss_tokens=int(example["loss_mask"].sum()))
         return example
@@ -273,9 +278,12 @@ class Examples:
 class _SFTExamples(Examples):
     """SFT records: encode_example, then fit_length."""
 
-    def encode(self, index: int) -> tuple[dict[str, np.ndarray], bool] | str:
+    def encode(self, index: int) -> tuple[tuple[np.ndarray, np.ndarray], str]:
         record, where = self.record(index)
-        ids, mask = encode_example(record, self.tokenizer, self.section)
+        return encode_example(record, self.tokenizer, self.section), where
+
+    def fit(self, encoded: tuple[np.ndarray, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], bool] | str:
+        ids, mask = encoded
         fitted = fit_length(ids, mask, self.section, where)
         if fitted is None:
             reason = "too long" if self.section.truncation == "drop" else "no target left after truncation"

@@ -120,25 +120,27 @@ class _Units(Examples):
             mismatched = record
         return [record, {**mismatched, "_where": where}], int(label), where
 
-    def encode(self, index: int) -> tuple[dict[str, np.ndarray], bool] | str:
+    def encode(self, index: int) -> tuple[tuple[list, int, int], str]:
         records, label, where = self._sequences(index)
-        seqs = [encode_example(r, self.tokenizer, self.section) for r in records]
+        return ([encode_example(r, self.tokenizer, self.section) for r in records], label, index), where
+
+    def fit(self, encoded: tuple[list, int, int], where: str) -> tuple[dict[str, np.ndarray], bool] | str:
+        seqs, label, index = encoded
         fitted = fit_unit(seqs, self.section, where)
         if isinstance(fitted, str):
             return fitted
         (a, ma), (b, mb) = fitted[0]
-        starts = np.zeros(len(a) + len(b), np.float32)
+        n, starts = len(a) + len(b), (0, len(a))  # where each sequence's per-sequence values go
         example = {"tokens": np.concatenate([a, b]), "loss_mask": np.concatenate([ma, mb]),
                    "positions": np.concatenate([np.arange(len(a)), np.arange(len(b))]).astype(np.int32),
                    "half": np.concatenate([np.ones(len(a)), np.full(len(b), 2)]).astype(np.int32),
-                   "record": np.zeros(len(starts), np.int32)}
+                   "record": np.zeros(n, np.int32)}
         example["record"][0] = index + 1
         if self.ref_logps is not None:
-            ref = starts.copy()
-            ref[0], ref[len(a)] = self.ref_logps[index]
-            example["ref_logps"] = ref
+            example["ref_logps"] = np.zeros(n, np.float32)
+            example["ref_logps"][list(starts)] = self.ref_logps[index]
         if self.kind == "unpaired":
-            example["label"] = np.zeros(len(starts), np.int32)
+            example["label"] = np.zeros(n, np.int32)
             example["label"][0] = label
         return example, fitted[1]
 

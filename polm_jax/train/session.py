@@ -113,9 +113,10 @@ class Session:
             trainable = init(model.config, cfg.lora.rank, tuple(cfg.lora.targets), jax.random.PRNGKey(cfg.seed + 1))
             frozen = model.params
         else:
-            trainable = model.params
-            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=layout.frozen_shardings)
-            frozen = copy(model.params) if reference else {}  # trainable params are donated to the step
+            trainable, frozen = model.params, {}
+            if reference:  # a copy: the trainable params are donated to the step
+                copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=layout.frozen_shardings)
+                frozen = copy(model.params)
         optimizer = make_optimizer(cfg.optim, cfg.train.steps)
         return cls(cfg, mesh, model, model.tokenizer, layout, trainable, frozen, optimizer)
 
