@@ -55,19 +55,37 @@ def read_model_config(path: str) -> ModelConfig:
     return hf.config_from_hf(hf.read_hf_config(path), os.path.join(path, "config.json"))
 
 
-def load(path: str, *, mesh=None, rules=None, dtype=None, param_dtype=None, **changes) -> Model:
+def load(path: str, *, mesh=None, rules=None, dtype=None, param_dtype=None, seed: int = 0, **changes) -> Model:
     """A model from a Hugging Face folder or a polm checkpoint, each tensor placed with its sharding on `mesh`.
 
     `dtype`/`param_dtype` override the checkpoint's; `changes` set other runtime fields (e.g. remat="full").
+    `num_labels=n` on a causal LM's checkpoint gives a sequence scorer (a reward model to train): the decoder's
+    weights with a fresh `score` head [D, n] (normal, std 0.02, from `seed`) in place of the language-model head.
     """
-    config = _with_dtypes(read_model_config(path), dtype, param_dtype, changes)
-    shardings = None if mesh is None else param_shardings(config, mesh, rules)
+    stored = read_model_config(path)
+    config = _with_dtypes(stored, dtype, param_dtype, changes)
+    in_files = config.replace(num_labels=stored.num_labels)
+    shardings = None if mesh is None else param_shardings(in_files, mesh, rules)
     if polm_checkpoint.is_polm_checkpoint(path):
-        params = polm_checkpoint.load_params(path, config, shardings)
+        params = polm_checkpoint.load_params(path, in_files, shardings)
         tok_dir = os.path.join(path, polm_checkpoint.TOKENIZER_DIR)
     else:
-        params, tok_dir = hf.load_hf_params(path, config, shardings), path
+        params, tok_dir = hf.load_hf_params(path, in_files, shardings), path
+    if config.num_labels != stored.num_labels:
+        params = _with_score_head(path, stored, config, params, seed, mesh, rules)
     return Model(config, params, load_tokenizer(tok_dir) if has_tokenizer(tok_dir) else None)
+
+
+def _with_score_head(path: str, stored: ModelConfig, config: ModelConfig, params: dict, seed: int, mesh,
+                     rules) -> dict:
+    """A causal LM's params with its language-model head replaced by a fresh scoring head for `config`."""
+    if stored.num_labels:
+        raise CheckpointError(f"{path} holds a scoring model with num_labels={stored.num_labels}; it cannot be "
+                              f"loaded with num_labels={config.num_labels}")
+    shape = param_shapes(config)["score"]
+    sharding = None if mesh is None else param_shardings(config, mesh, rules)["score"]
+    init = jax.jit(lambda key: 0.02 * jax.random.normal(key, shape.shape, shape.dtype), out_shardings=sharding)
+    return {**{k: v for k, v in params.items() if k != "lm_head"}, "score": init(jax.random.key(seed))}
 
 
 def save_hf(model: Model, folder: str, max_shard_bytes: int = 4 << 30):
@@ -107,5 +125,5 @@ def config_from_section(section: ModelSection) -> ModelConfig:
 def from_section(section: ModelSection, *, seed: int = 0, mesh=None, rules=None) -> Model:
     """The model a config's `model:` section names: loaded from `path`, else initialised from `preset`."""
     if section.path:
-        return load(section.path, mesh=mesh, rules=rules, **_section_changes(section))
+        return load(section.path, mesh=mesh, rules=rules, seed=seed, **_section_changes(section))
     return init(config_from_section(section), seed, mesh=mesh, rules=rules)

@@ -1,4 +1,4 @@
-"""The `polm` command: `sft`, `dpo`, `generate`, `eval`, `plan`, `info` and `convert` (later: rm, rl, demo)."""
+"""The `polm` command: `sft`, `dpo`, `rm`, `rl`, `generate`, `eval`, `plan`, `info` and `convert` (later: demo)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def _sampling_flags(args) -> dict:
 
 def cmd_generate(args) -> None:
     """Streams the model's completion of one prompt to the terminal, sampled as sampling: and the flags say."""
-    from polm_jax.eval.run import configured_model
+    from polm_jax.train.session import configured_model
     from polm_jax.sampling.params import SamplingParams
     from polm_jax.sampling.text import stream_text
 
@@ -157,6 +157,28 @@ def cmd_dpo(args) -> None:
         cfg.preference.precompute_ref = True
     result = run_dpo(cfg)
     keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
+    last = {k: result.last[k] for k in keys if k in result.last}
+    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+
+
+def cmd_rm(args) -> None:
+    """A reward model (scalar head, Bradley-Terry loss) trained on preference pairs; resumes automatically."""
+    from polm_jax.recipes.rm import run_rm
+
+    cfg = _config(args)
+    result = run_rm(cfg)
+    keys = ("loss", "accuracy", "rewards/margins", "eval_loss", "eval_accuracy")
+    last = {k: result.last[k] for k in keys if k in result.last}
+    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+
+
+def cmd_rl(args) -> None:
+    """Policy-gradient RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO) with reward functions; resumes."""
+    from polm_jax.recipes.rl import run_rl
+
+    cfg = _config(args)
+    result = run_rl(cfg)
+    keys = ("reward/mean", "accuracy", "loss", "kl", "eval_accuracy")
     last = {k: result.last[k] for k in keys if k in result.last}
     print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
 
@@ -208,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--precompute-ref", action="store_true",
                      help="compute reference log-probs once, store them beside the data and reuse them")
     dpo.set_defaults(func=cmd_dpo)
+    rm = sub.add_parser("rm", help="reward model: a scalar head trained on preference pairs (Bradley-Terry)")
+    _add_config_args(rm)
+    rm.set_defaults(func=cmd_rm)
+    rl = sub.add_parser("rl", help="reasoning RL: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO with reward functions")
+    _add_config_args(rl)
+    rl.set_defaults(func=cmd_rl)
     plan = sub.add_parser("plan", help="params, memory per device and FLOPs of a configured train step (no allocation)")
     _add_config_args(plan)
     plan.add_argument("--devices", type=int, help="fake CPU devices to plan on (default: the mesh's size, else 8)")

@@ -512,6 +512,7 @@ class PreferenceSection:
     lambda_: float = 0.1  # ORPO's weight of the odds-ratio term (written `lambda`)
     desirable_weight: float = 1.0  # KTO: weight of desirable examples
     undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
+    center_rewards_coefficient: float = 0.0  # reward models: weight of (r_chosen + r_rejected)^2 (TRL's; 0.01 typical)
     precompute_ref: bool = False  # compute reference log-probs once before training, store and reuse them
     ref_logps_dir: str | None = None  # where they are stored (None: beside the data file, else output_dir)
 
@@ -578,6 +579,62 @@ class EvalSection:
             raise ConfigError(f"prompt_format: must contain {{prompt}}, got {self.prompt_format!r}")
 
 
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce++", "gae")
+
+
+@dataclass
+class RLSection:
+    num_generations: int = 8  # completions per prompt (G); train.batch_size is the prompts per step
+    max_prompt_length: int = 256  # prompt tokens at most (a longer prompt follows sampling.prompt_truncation)
+    max_completion_length: int = 256  # tokens generated per completion at most
+    chat: bool = False  # prompts as a user turn of the chat template, with the generation prompt
+    prompt_format: str = "{prompt}"  # the prompt text; {prompt} is the record's prompt field
+    rewards: list[str] = field(default_factory=lambda: ["math"])  # math | format | overlong | reward_model | module:function
+    reward_weights: list[float] | None = None  # one per reward (None: all 1)
+    reward_timeout_s: float = 60.0  # a reward call running longer scores 0 for that batch (counted, logged)
+    reward_model: str | None = None  # the `reward_model` reward's checkpoint (a `polm rm` output)
+    overlong_cache_length: int = 64  # DAPO soft overlong punishment: the last tokens before the limit that cost
+    format_pattern: str | None = None  # the `format` reward's regex (None: <think>...</think><answer>...</answer>)
+    advantage: Literal[ADVANTAGES] = "grpo"  # group baselines, or gae (PPO, with a value head)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: divide by the group's / batch's std, or not
+    std_ddof: int = 1  # the reward std's delta degrees of freedom (1: Bessel, as reference implementations)
+    loss_type: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"  # aggregation over tokens (see policy_loss)
+    epsilon: float = 0.2  # clip range of the ratio below 1 (and above, unless epsilon_high is set)
+    epsilon_high: float | None = None  # DAPO clip-higher: 0.28
+    dual_clip: float | None = None  # c > 1: bound the loss of negative advantages at -c A (None: off)
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    beta: float = 0.0  # KL-to-reference coefficient (0: no reference model is held); DeepSeekMath used 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    num_iterations: int = 1  # mu: optimisation passes over each rollout batch
+    num_minibatches: int = 1  # optimizer steps per pass (each on B*G / num_minibatches completions)
+    mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on completions cut by the limit
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill from more prompts
+    max_refills: int = 4  # dynamic sampling: extra prompt batches sampled per step at most
+    vf_coef: float = 0.1  # PPO: weight of the value loss
+    cliprange_value: float = 0.2  # PPO: clip range of the value update
+    gamma: float = 1.0  # PPO: discount
+    lam: float = 0.95  # PPO: GAE lambda
+    eval_limit: int | None = 64  # held-out prompts scored greedily at each eval (None: all of data.eval)
+
+    def validate(self) -> None:
+        if self.num_generations < 1 or self.max_completion_length < 1 or self.max_prompt_length < 1:
+            raise ConfigError("num_generations, max_prompt_length and max_completion_length must be >= 1")
+        if self.advantage in ("grpo", "rloo", "reinforce++") and self.num_generations < 2 and not (
+                self.advantage == "grpo" and self.scale_rewards == "none"):
+            raise ConfigError(f"num_generations: {self.advantage} compares completions of the same prompt; use at "
+                              f"least 2 (got {self.num_generations})")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+        if not self.rewards:
+            raise ConfigError("rewards: give at least one reward function")
+        if "reward_model" in self.rewards and not self.reward_model:
+            raise ConfigError("reward_model: the `reward_model` reward needs the path of a trained reward model")
+        if self.num_iterations < 1 or self.num_minibatches < 1:
+            raise ConfigError("num_iterations and num_minibatches must be >= 1")
+        if "{prompt}" not in self.prompt_format:
+            raise ConfigError(f"prompt_format: must contain {{prompt}}, got {self.prompt_format!r}")
+
+
 @dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)  # which model, in which dtypes
@@ -589,4 +646,5 @@ class Config:
     preference: PreferenceSection = field(default_factory=PreferenceSection)  # DPO family, KTO, reward models
     sampling: SamplingSection = field(default_factory=SamplingSection)  # generation (eval, generate, RL rollouts)
     eval: EvalSection = field(default_factory=EvalSection)  # polm eval: metric, prompts, answers, output
+    rl: RLSection = field(default_factory=RLSection)  # polm rl: rollouts, rewards, advantages, policy loss
     seed: int = 0  # the run's root random seed

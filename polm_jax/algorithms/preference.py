@@ -168,12 +168,13 @@ def preference_loss(config: ModelConfig, model_params: Callable[[dict, dict], di
             return _kto_terms(first, second, ref_first, ref_second, valid, batch, options)
         pairs = Pairs(first, second, first_len, second_len, ref_first, ref_second)
         losses = sum(weight * PAIR_LOSSES[name](pairs, options) for name, weight in options.losses)
-        return _masked_sum(losses, valid), valid.sum().astype(jnp.float32), _pair_metrics(pairs, valid, options)
+        return masked_sum(losses, valid), valid.sum().astype(jnp.float32), _pair_metrics(pairs, valid, options)
 
     return loss_fn
 
 
-def _masked_sum(x, valid):
+def masked_sum(x, valid):
+    """The sum of x where valid."""
     return jnp.sum(jnp.where(valid, x, 0.0))
 
 
@@ -189,7 +190,7 @@ def _pair_metrics(p: Pairs, valid, o: PreferenceSection) -> dict:
     per_pair = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
                 "rewards/accuracies": (chosen > rejected).astype(jnp.float32), "logps/chosen": p.chosen_logps,
                 "logps/rejected": p.rejected_logps}
-    return {k: (_masked_sum(v, valid), n) for k, v in per_pair.items()}
+    return {k: (masked_sum(v, valid), n) for k, v in per_pair.items()}
 
 
 def _kto_terms(logps, kl_logps, ref, ref_kl, valid, batch, o: PreferenceSection):
@@ -197,7 +198,7 @@ def _kto_terms(logps, kl_logps, ref, ref_kl, valid, batch, o: PreferenceSection)
     losses, z0 = kto(logps, ref, kl_logps, ref_kl, desirable, valid, o)
     rewards = o.beta * (logps - ref)
     good, bad = valid & desirable, valid & ~desirable
-    metrics = {"rewards/chosen": (_masked_sum(rewards, good), good.sum().astype(jnp.float32)),
-               "rewards/rejected": (_masked_sum(rewards, bad), bad.sum().astype(jnp.float32)),
+    metrics = {"rewards/chosen": (masked_sum(rewards, good), good.sum().astype(jnp.float32)),
+               "rewards/rejected": (masked_sum(rewards, bad), bad.sum().astype(jnp.float32)),
                "kl": (z0, jnp.float32(1.0))}
-    return _masked_sum(losses, valid), valid.sum().astype(jnp.float32), metrics
+    return masked_sum(losses, valid), valid.sum().astype(jnp.float32), metrics

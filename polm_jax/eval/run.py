@@ -16,7 +16,7 @@ import os
 import jax
 from tqdm.auto import tqdm
 
-from polm_jax import api, parallel
+from polm_jax import parallel
 from polm_jax.config import Config
 from polm_jax.data.sources import open_sources
 from polm_jax.errors import DataError
@@ -24,19 +24,7 @@ from polm_jax.eval.answers import answers_match, extract_answer, gold_answer
 from polm_jax.eval.metrics import mean_metrics, parse_metric, prompt_metrics
 from polm_jax.sampling.params import SamplingParams
 from polm_jax.sampling.text import generate_text
-from polm_jax.train.session import _tokenizer as configured_tokenizer
-
-
-def configured_model(cfg: Config, mesh) -> api.Model:
-    """The configured model on `mesh` with the configured tokenizer (data.tokenizer, else the model's own), its
-    config speaking that tokenizer's special tokens."""
-    model = api.from_section(cfg.model, seed=cfg.seed, mesh=mesh, rules=cfg.mesh.rules)
-    tokenizer = configured_tokenizer(cfg, model)
-    if tokenizer is not model.tokenizer:
-        model.config = model.config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                            pad_token_id=tokenizer.pad_id)
-        model.tokenizer = tokenizer
-    return model
+from polm_jax.train.session import configured_model
 
 
 def _field(record: dict, name: str, hint: str):

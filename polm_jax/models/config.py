@@ -55,6 +55,7 @@ class ModelConfig:
     attention_impl: str = "auto"
     logprob_impl: str = "auto"
     lora_dropout: float = 0.0  # dropout on the LoRA adapters' input (active only when forward gets a dropout_rng)
+    num_labels: int = 0  # 0: a causal LM (lm_head); n >= 1: a sequence scorer (a reward model: `score` [D, n], no lm_head)
 
     def __post_init__(self):
         self._check()
@@ -68,6 +69,8 @@ class ModelConfig:
                               ("activation", ("silu", "gelu_tanh"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {allowed}")
+        if self.num_labels < 0:
+            problems.append(f"num_labels {self.num_labels} is negative (0: a causal LM; >= 1: a scoring head)")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout {self.lora_dropout} is not in [0, 1)")
         if self.num_heads % self.num_kv_heads:
@@ -124,8 +127,8 @@ class ModelConfig:
         attn = d * hd * (2 * h + 2 * kv) + (hd * (h + 2 * kv) if self.qkv_bias else 0) + (2 * hd if self.qk_norm else 0)
         norms = d * (4 if self.post_norms else 2)
         per_layer = attn + 3 * d * f + norms
-        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.num_layers * per_layer + embed + d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings or self.num_labels else 2)
+        return self.num_layers * per_layer + embed + d + d * self.num_labels
 
 
 def default_layer_types(family: str, num_layers: int) -> tuple[str, ...] | None:

@@ -26,7 +26,11 @@ from polm_jax.models.transformer import param_shapes
 _ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
          "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
          "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
-_FAMILY_OF = {arch: family for family, (arch, _) in _ARCH.items()}
+_SCORER_ARCH = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                "qwen3": "Qwen3ForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
+                "gemma3": "Gemma3TextForSequenceClassification"}  # num_labels > 0: a scoring head (reward models)
+_SCORER_FAMILY_OF = {arch: family for family, arch in _SCORER_ARCH.items()}
+_FAMILY_OF = {**{arch: family for family, (arch, _) in _ARCH.items()}, **_SCORER_FAMILY_OF}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
@@ -76,6 +80,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if family is None:
         raise CheckpointError(f"{where}: unsupported architecture {archs or hf.get('model_type')}; supported: "
                               f"{', '.join(sorted(_FAMILY_OF))} (for multimodal Gemma 3 use the text-only model)")
+    num_labels = len(hf.get("id2label") or {0: 0, 1: 1}) if any(a in _SCORER_FAMILY_OF for a in archs) else 0
     unsupported = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if hf.get(k) and
                    not (k == "attention_bias" and family == "qwen2")]
     if unsupported:
@@ -108,12 +113,14 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         layer_types=tuple(layer_types) if layer_types else None,
         tie_embeddings=hf.get("tie_word_embeddings", gemma), bos_token_id=hf.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.get("pad_token_id"),
-        dtype=dtype, param_dtype=dtype)
+        dtype=dtype, param_dtype=dtype, num_labels=num_labels)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json dict that `transformers` loads (both the 4.x and 5.x rope fields are written)."""
     arch, model_type = _ARCH[cfg.family]
+    if cfg.num_labels:
+        arch = _SCORER_ARCH[cfg.family]
     scaling = cfg.rope_scaling_dict
     hf = dict(architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
               intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -124,6 +131,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
               pad_token_id=cfg.pad_token_id, torch_dtype=cfg.param_dtype, dtype=cfg.param_dtype,
               rope_theta=cfg.rope_theta, rope_scaling=scaling, attention_dropout=0.0, use_cache=True)
     hf["rope_parameters"] = {"rope_theta": cfg.rope_theta, **(scaling or {"rope_type": "default"})}
+    if cfg.num_labels:
+        hf.update(id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
+                  label2id={f"LABEL_{i}": i for i in range(cfg.num_labels)})
     if cfg.family in ("gemma2", "gemma3"):
         hf.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
                   query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
@@ -159,7 +169,9 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """Every parameter of `cfg` with its HF name and layout transform."""
     specs = [TensorSpec(("embed",), "model.embed_tokens.weight", "same"),
              TensorSpec(("final_norm", "scale"), "model.norm.weight", "same")]
-    if not cfg.tie_embeddings:
+    if cfg.num_labels:
+        specs.append(TensorSpec(("score",), "score.weight", "transpose"))
+    elif not cfg.tie_embeddings:
         specs.append(TensorSpec(("lm_head",), "lm_head.weight", "transpose"))
     layer = [(("attn", f"{p}_proj", "kernel"), f"self_attn.{p}_proj.weight", "in_heads") for p in "qkv"]
     layer.append((("attn", "o_proj", "kernel"), "self_attn.o_proj.weight", "out_heads"))

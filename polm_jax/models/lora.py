@@ -21,6 +21,9 @@ zero, so at init the adapted model is the base model. Typical use:
     grads = jax.jit(jax.grad(loss_fn))(adapters, base, batch, rng)  # pass the base as an argument: a closed-over
                                                                     # base would be baked into the program
 
+A scoring model's head (`score`, see `trained_in_full`) trains in full: the adapters tree then also holds it as a
+plain array, which `apply` and `merge` put in place of the base's.
+
 The reference model of DPO/RL ("the same weights with adapters off") is simply `base` itself:
 `forward(config, base, tokens)`, with no second copy of the weights. `merge` folds the adapters into the kernels
 for export (`pj.save_hf(Model(config, lora.merge(base, adapters, scale), tok), folder)`).
@@ -150,14 +153,23 @@ def _is_adapter(node) -> bool:
     return isinstance(node, dict) and set(node) == set(_ADAPTER_KEYS)
 
 
+def trained_in_full(config: ModelConfig) -> tuple[str, ...]:
+    """Top-level params that train in full beside the adapters (PEFT's modules_to_save): a scoring head."""
+    return ("score",) if config.num_labels else ()
+
+
 def _graft(base: dict, adapters: dict, fn, path=()) -> dict:
-    """A copy of `base` with fn(module_params, adapter, path) in place of each module that has an adapter."""
+    """A copy of `base` with fn(module_params, adapter, path) in place of each module that has an adapter, and
+    the adapters' plain arrays (params trained in full) in place of the base's."""
     out = dict(base)
     for key, sub in adapters.items():
         where = (*path, key)
         if not isinstance(base, dict) or key not in base:
             raise ConfigError(f"adapter at {'/'.join(where)} has no matching module in the params")
-        out[key] = fn(base[key], sub, where) if _is_adapter(sub) else _graft(base[key], sub, fn, where)
+        if not isinstance(sub, dict):
+            out[key] = sub
+        else:
+            out[key] = fn(base[key], sub, where) if _is_adapter(sub) else _graft(base[key], sub, fn, where)
     return out
 
 

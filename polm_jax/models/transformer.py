@@ -213,7 +213,8 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """tokens [B, T] -> logits [B, T, V] (f32) or final hidden states [B, T, D]; plus the updated cache."""
+    """tokens [B, T] -> logits [B, T, V] (f32), per-token scores [B, T, num_labels] (f32) when the config has a
+    scoring head, or final hidden states [B, T, D]; plus the updated cache."""
 
     config: ModelConfig
 
@@ -244,6 +245,10 @@ class Decoder(nn.Module):
                                                 "index": index + tokens.shape[1]}
         if return_hidden:
             return x, new_cache
+        if cfg.num_labels:  # a sequence scorer: per-token scores; a sequence's score is its last token's
+            score = _param(self, "score", (cfg.hidden_size, cfg.num_labels), ("embed", None))
+            scores = jnp.dot(x, score.astype(cfg.dtype), preferred_element_type=jnp.float32)
+            return nn.with_logical_constraint(scores, ("act_batch", "act_seq", None)), new_cache
         if cfg.tie_embeddings:
             head = embedding.T
         else:
@@ -304,6 +309,9 @@ def param_shapes(config: ModelConfig) -> dict:
 
 def lm_head(config: ModelConfig, params: dict):
     """The output projection [D, V] (the transposed embedding when tied)."""
+    if config.num_labels:
+        raise ValueError(f"this model is a sequence scorer (num_labels={config.num_labels}, e.g. a reward model); "
+                         "it has no language-model head to predict tokens with")
     return params["embed"].T if config.tie_embeddings else params["lm_head"]
 
 
@@ -320,7 +328,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
 @partial(jax.jit, static_argnames=("config", "return_hidden"))
 def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, cache=None,
             return_hidden: bool = False, dropout_rng=None):
-    """tokens [B, T] int32 -> logits [B, T, V] f32 (or hidden states [B, T, D] with `return_hidden`).
+    """tokens [B, T] int32 -> logits [B, T, V] f32 (or hidden states [B, T, D] with `return_hidden`; a scoring model,
+    config.num_labels > 0, gives per-token scores [B, T, num_labels]).
 
     `segment_ids` [B, T] (default all 1) separate packed examples, 0 marks padding; `positions` default to
     restarting at 0 per segment (or to cache index + t when decoding). With `cache` (see `init_cache`) the new

@@ -68,7 +68,10 @@ class _Preemption:
 
 
 def batch_stats(batch: dict) -> dict:
-    """Host-side figures of a batch: real (non-padding) tokens, slots (rows x length), examples, rows."""
+    """Host-side figures of a batch: real (non-padding) tokens, slots (rows x length), examples, rows ({} for a
+    batch without segment ids, e.g. RL's prompt indices: its step reports its own tokens)."""
+    if "segment_ids" not in batch:
+        return {}
     seg = np.asarray(batch["segment_ids"])
     real = int((seg > 0).sum())
     examples = int(seg.max(axis=1).sum())  # segments are numbered 1, 2, ... in each row
@@ -105,10 +108,11 @@ def fit(state, frozen, train_step: Callable, batches: Iterator[dict], *, put_bat
             raise TrainingError(f"step {step}: the loss or gradient is not finite (loss {metrics['loss']}, grad norm "
                                 f"{metrics['grad_norm']}); stopped before saving anything from this step. Lower "
                                 f"optim.lr, check the data, or set train.on_nan=skip to skip such steps")
-        tokens = metrics.setdefault("tokens", stats["tokens"] * n_proc)
-        metrics.update(step_seconds=seconds, tokens_per_s=tokens / seconds,
-                       fill=stats["tokens"] / stats["slots"], examples_per_row=stats["examples"] / stats["rows"])
-        if options.flops_per_token and options.peak_flops:
+        tokens = metrics.setdefault("tokens", stats.get("tokens", 0) * n_proc)
+        metrics.update(step_seconds=seconds, tokens_per_s=tokens / seconds)
+        if stats:
+            metrics.update(fill=stats["tokens"] / stats["slots"], examples_per_row=stats["examples"] / stats["rows"])
+        if options.flops_per_token and options.peak_flops and stats:
             metrics["mfu"] = options.flops_per_token * stats["slots"] * n_proc / seconds / (options.peak_flops * devices)
         if evaluate:  # outside the step's timing
             metrics.update(eval_fn(state))

@@ -33,7 +33,7 @@ from polm_jax.train.optim import make_optimizer
 from polm_jax.train.state import abstract_state, init_state, state_shardings
 
 
-def _tokenizer(cfg: Config, model: api.Model) -> Tokenizer:
+def configured_tokenizer(cfg: Config, model: api.Model) -> Tokenizer:
     """data.tokenizer ("bytes", a folder) or the model's own; it must fit the model's vocabulary."""
     name = cfg.data.tokenizer
     tokenizer = byte_tokenizer() if name == "bytes" else load_tokenizer(name) if name else model.tokenizer
@@ -44,6 +44,18 @@ def _tokenizer(cfg: Config, model: api.Model) -> Tokenizer:
         raise ConfigError(f"data.tokenizer: its vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                           f"({model.config.vocab_size})")
     return tokenizer
+
+
+def configured_model(cfg: Config, mesh) -> api.Model:
+    """The configured model on `mesh` with the configured tokenizer (data.tokenizer, else the model's own), its
+    config speaking that tokenizer's special tokens."""
+    model = api.from_section(cfg.model, seed=cfg.seed, mesh=mesh, rules=cfg.mesh.rules)
+    tokenizer = configured_tokenizer(cfg, model)
+    if tokenizer is not model.tokenizer:
+        model.config = model.config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                            pad_token_id=tokenizer.pad_id)
+        model.tokenizer = tokenizer
+    return model
 
 
 @dataclass
@@ -67,6 +79,8 @@ def param_layout(cfg: Config, config: ModelConfig, mesh, *, reference: bool = Fa
     r, targets = cfg.lora.rank, tuple(cfg.lora.targets)
     adapter_shapes = lora.adapter_shapes(config, r, targets)
     adapter_shardings = parallel.shardings(lora.adapter_logical_axes(config, r, targets), adapter_shapes, mesh, rules)
+    for key in lora.trained_in_full(config):
+        adapter_shapes[key], adapter_shardings[key] = shapes[key], shardings[key]
     return ParamLayout(adapter_shapes, adapter_shardings, shapes, shardings, cfg.lora.alpha / r)
 
 
@@ -99,18 +113,16 @@ class Session:
         """Sets up the run; `reference`: keep the initial weights as frozen params (a copy in full fine-tuning; with
         LoRA the frozen base already is the model with adapters off)."""
         mesh = parallel.mesh_from_config(cfg.mesh)
-        model = api.from_section(cfg.model, seed=cfg.seed, mesh=mesh, rules=cfg.mesh.rules)
+        model = configured_model(cfg, mesh)
         if cfg.lora.rank:
             model.config = model.config.replace(lora_dropout=cfg.lora.dropout)
-        tokenizer = _tokenizer(cfg, model)
-        if tokenizer is not model.tokenizer:  # the model speaks this tokenizer's special tokens from now on
-            model.config = model.config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                                pad_token_id=tokenizer.pad_id)
-        model.tokenizer = tokenizer
         layout = param_layout(cfg, model.config, mesh, reference=reference)
         if cfg.lora.rank:
-            init = jax.jit(lora.init_adapters, static_argnums=(0, 1, 2), out_shardings=layout.trainable_shardings)
+            full = lora.trained_in_full(model.config)
+            adapter_shardings = {k: v for k, v in layout.trainable_shardings.items() if k not in full}
+            init = jax.jit(lora.init_adapters, static_argnums=(0, 1, 2), out_shardings=adapter_shardings)
             trainable = init(model.config, cfg.lora.rank, tuple(cfg.lora.targets), jax.random.PRNGKey(cfg.seed + 1))
+            trainable.update({k: model.params[k] for k in full})
             frozen = model.params
         else:
             trainable, frozen = model.params, {}
@@ -166,19 +178,25 @@ class Session:
         return state_shardings(self.optimizer, self.layout.trainable_shapes, self.trainable_shardings, self.mesh)
 
     def train(self, loss_fn: step_lib.LossFn, dataset, *, example_batch: dict,
-              eval_fn: Callable | None = None, data_stats: Callable[[], dict] | None = None) -> LoopResult:
+              eval_fn: Callable | None = None, data_stats: Callable[[], dict] | None = None,
+              round_fn: Callable[[Callable], Callable] | None = None) -> LoopResult:
         """Runs (or resumes) training on batches from the grain `dataset`, then exports output_dir/final.
 
-        `example_batch` fixes the batch's keys and shapes (one host batch); `eval_fn(state) -> metrics`.
+        `example_batch` fixes the train step's batch keys and shapes (one host batch); `eval_fn(state) -> metrics`.
+        `round_fn(train_step) -> step(state, frozen, host_batch) -> (state, metrics)`: a host-side loop step
+        built on the jitted train step (RL: rollouts, rewards, then updates); it gets the dataset's batches as
+        they are, not placed on the mesh.
         """
         cfg, out = self.cfg, self.cfg.train.output_dir
         shardings = self.state_shardings()
-        batch_shardings = self.batch_shardings(example_batch)
-        micro_shardings = self.batch_shardings(example_batch, cfg.train.batch_size // cfg.train.microbatches)
+        rows = int(np.shape(example_batch["tokens"])[0]) * jax.process_count()
+        batch_shardings = self.batch_shardings(example_batch, rows)
+        micro_shardings = self.batch_shardings(example_batch, rows // cfg.train.microbatches)
         train_step = step_lib.make_train_step(loss_fn, self.optimizer, state_shardings=shardings,
                                               frozen_shardings=self.frozen_shardings or None,
                                               batch_shardings=batch_shardings, microbatch_shardings=micro_shardings,
                                               microbatches=cfg.train.microbatches)
+        step, put_batch = (train_step, self.put_batch) if round_fn is None else (round_fn(train_step), dict)
         iterator = iter(dataset)
         checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=cfg.train.keep,
                                     async_save=cfg.train.async_save)
@@ -196,7 +214,7 @@ class Session:
                               peak_flops=cfg.train.peak_flops or peak_flops())
         try:
             with parallel.activation_sharding(self.mesh, cfg.mesh.rules):  # activations constrained to the mesh
-                result = fit(state, self.frozen, train_step, iterator, put_batch=self.put_batch, options=options,
+                result = fit(state, self.frozen, step, iterator, put_batch=put_batch, options=options,
                              writer=writer, checkpointer=checkpointer, data_iterator=iterator, eval_fn=eval_fn,
                              data_stats=data_stats)
         finally:
