@@ -95,14 +95,18 @@ def cmd_convert(args) -> None:
                       "param_dtype": model.config.param_dtype, "seconds": round(time.perf_counter() - t0, 2)}))
 
 
+def _train_and_report(run, cfg: Config, keys: tuple[str, ...]) -> None:
+    """Runs a training recipe and prints its outcome and the last values of `keys` as one JSON line."""
+    result = run(cfg)
+    last = {k: result.last[k] for k in keys if k in result.last}
+    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+
+
 def cmd_sft(args) -> None:
     """Supervised fine-tuning (full or LoRA) as configured; resumes from output_dir's latest checkpoint."""
     from polm_jax.recipes.sft import run_sft
 
-    cfg = _config(args)
-    result = run_sft(cfg)
-    last = {k: result.last[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in result.last}
-    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+    _train_and_report(run_sft, _config(args), ("loss", "eval_loss", "tokens_per_s"))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser):
@@ -126,9 +130,9 @@ def _sampling_flags(args) -> dict:
 
 def cmd_generate(args) -> None:
     """Streams the model's completion of one prompt to the terminal, sampled as sampling: and the flags say."""
-    from polm_jax.train.session import configured_model
     from polm_jax.sampling.params import SamplingParams
     from polm_jax.sampling.text import stream_text
+    from polm_jax.train.session import configured_model
 
     cfg = _config(_with_flags(args, _sampling_flags(args)))
     mesh = parallel.mesh_from_config(cfg.mesh)
@@ -155,32 +159,22 @@ def cmd_dpo(args) -> None:
     cfg = _config(args)
     if args.precompute_ref:
         cfg.preference.precompute_ref = True
-    result = run_dpo(cfg)
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
-    last = {k: result.last[k] for k in keys if k in result.last}
-    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+    _train_and_report(run_dpo, cfg, ("loss", "rewards/accuracies", "rewards/margins", "eval_loss",
+                                     "eval_rewards/accuracies"))
 
 
 def cmd_rm(args) -> None:
     """A reward model (scalar head, Bradley-Terry loss) trained on preference pairs; resumes automatically."""
     from polm_jax.recipes.rm import run_rm
 
-    cfg = _config(args)
-    result = run_rm(cfg)
-    keys = ("loss", "accuracy", "rewards/margins", "eval_loss", "eval_accuracy")
-    last = {k: result.last[k] for k in keys if k in result.last}
-    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+    _train_and_report(run_rm, _config(args), ("loss", "accuracy", "rewards/margins", "eval_loss", "eval_accuracy"))
 
 
 def cmd_rl(args) -> None:
     """Policy-gradient RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO) with reward functions; resumes."""
     from polm_jax.recipes.rl import run_rl
 
-    cfg = _config(args)
-    result = run_rl(cfg)
-    keys = ("reward/mean", "accuracy", "loss", "kl", "eval_accuracy")
-    last = {k: result.last[k] for k in keys if k in result.last}
-    print(json.dumps({"status": result.status, "step": result.step, **last, "output_dir": cfg.train.output_dir}))
+    _train_and_report(run_rl, _config(args), ("reward/mean", "accuracy", "loss", "kl", "eval_reward", "eval_accuracy"))
 
 
 def _simulate_devices(count: int) -> None:

@@ -177,8 +177,7 @@ class Round:
         mask = np.arange(out.tokens.shape[1])[None] < lengths[:, None]
         if o.mask_truncated_completions:
             mask &= ~truncated[:, None]
-        kind = "grpo" if o.advantage == "gae" else o.advantage
-        advantages = group_advantages(jnp.asarray(scores.total), group, kind, scale_rewards=o.scale_rewards,
+        advantages = group_advantages(jnp.asarray(scores.total), group, o.advantage, scale_rewards=o.scale_rewards,
                                       ddof=o.std_ddof)
         batch = train_rows(jnp.asarray(g["prompts"]), jnp.asarray(g["prompt_lengths"]), out, group, jnp.asarray(mask))
         batch["advantages"] = advantages.astype(jnp.float32)
