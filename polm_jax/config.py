@@ -579,7 +579,7 @@ class EvalSection:
             raise ConfigError(f"prompt_format: must contain {{prompt}}, got {self.prompt_format!r}")
 
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce++")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce++", "gae")
 
 
 @dataclass
@@ -595,7 +595,7 @@ class RLSection:
     reward_model: str | None = None  # the `reward_model` reward's checkpoint (a `polm rm` output)
     overlong_cache_length: int = 64  # DAPO soft overlong punishment: the last tokens before the limit that cost
     format_pattern: str | None = None  # the `format` reward's regex (None: <think>...</think><answer>...</answer>)
-    advantage: Literal[ADVANTAGES] = "grpo"  # the group baseline (see polm_jax.algorithms.rl.advantages)
+    advantage: Literal[ADVANTAGES] = "grpo"  # a group baseline, or gae: PPO with a value head on the policy
     scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: divide by the group's / batch's std, or not
     std_ddof: int = 1  # the reward std's delta degrees of freedom (1: Bessel, as reference implementations)
     loss_type: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"  # aggregation over tokens (see policy_loss)
@@ -610,6 +610,10 @@ class RLSection:
     mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on completions cut by the limit
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill from more prompts
     max_refills: int = 4  # dynamic sampling: extra prompt batches sampled per step at most
+    vf_coef: float = 0.1  # PPO: weight of the clipped value loss
+    cliprange_value: float = 0.2  # PPO: how far a value may move from its old value before the clip
+    gamma: float = 1.0  # PPO: discount
+    lam: float = 0.95  # PPO: GAE lambda
     eval_limit: int | None = 64  # held-out prompts scored greedily at each eval (None: all of data.eval)
 
     def validate(self) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from polm_jax import api, cli
-from polm_jax.algorithms.rl.rollout import completion_logprobs, train_rows
+from polm_jax.algorithms.rl.rollout import completion_outputs, train_rows
 from polm_jax.config import Config, load_config
 from polm_jax.data.tokenizer import byte_tokenizer
 from polm_jax.recipes.rl import run_rl
@@ -103,7 +103,7 @@ def test_train_batch_scores_the_sampled_tokens_as_the_sampler_did():
     mask = jnp.arange(6)[None] < out.lengths[:, None]
     batch = train_rows(jnp.asarray(tokens), jnp.asarray(lengths), out, group, mask)
     assert batch["tokens"].shape == (8, width + 6)
-    logp, _ = completion_logprobs(config, model.params, batch, width, 1.0)
+    logp, _, _ = completion_outputs(config, model.params, batch, width, 1.0)
     np.testing.assert_allclose(np.where(mask, logp, 0), np.where(mask, out.model_logprobs, 0), atol=1e-4)
 
 
@@ -175,3 +175,15 @@ def test_polm_rl_cli(task, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["status"] == "done" and out["step"] == 2 and 0.0 <= out["reward/mean"] <= 1.0
     assert api.load(str(tmp_path / "final")).config.num_layers == 2
+
+
+def test_ppo_with_a_value_head_raises_the_reward_and_exports_the_policy_alone(task, tmp_path):
+    result = run_rl(rl_config(task, tmp_path, "train.steps=16", "rl.advantage=gae", "rl.loss_type=dapo",
+                              "rl.num_iterations=2", "rl.vf_coef=0.5", "train.export=polm"))
+    lines = metric_lines(tmp_path)
+    rewards = [m["reward/mean"] for m in lines]
+    assert np.mean(rewards[-4:]) >= np.mean(rewards[:4]) + 0.2
+    assert lines[0]["values/mean"] == 0.0 and lines[-1]["values/mean"] > 0.1  # the critic learns the reward
+    assert np.isfinite(lines[-1]["value_loss"]) and 0.0 <= lines[-1]["value_clip_fraction"] <= 1.0
+    assert result.state.params["value_head"].shape == (64,)
+    assert "value_head" not in api.load(str(tmp_path / "final")).params

@@ -19,8 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from polm_jax.algorithms.rl import rewards as rewards_lib
-from polm_jax.algorithms.rl.advantages import group_advantages, group_is_informative
-from polm_jax.algorithms.rl.rollout import completion_logprobs, rl_loss, train_rows
+from polm_jax.algorithms.rl.advantages import (
+    gae,
+    group_advantages,
+    group_is_informative,
+    whiten,
+)
+from polm_jax.algorithms.rl.rollout import completion_outputs, rl_loss, train_rows
 from polm_jax.config import Config
 from polm_jax.data.sources import open_sources
 from polm_jax.errors import ConfigError, DataError
@@ -29,7 +34,7 @@ from polm_jax.sampling.generate import max_prompt_length
 from polm_jax.sampling.params import SamplingParams
 from polm_jax.sampling.text import encode_prompts, text_sampling
 from polm_jax.train.loop import LoopResult
-from polm_jax.train.session import Session
+from polm_jax.train.session import VALUE_HEAD, Session
 
 EVAL_BATCH = 32  # held-out prompts per greedy rollout
 
@@ -112,8 +117,13 @@ class Round:
         self.policy = jax.jit(session.model_params)
         self.width = max_prompt_length(session.model.config, self.sampling)
         temperature = max(self.sampling.temperature, 1e-6)
-        self.old_logprobs = jax.jit(lambda params, batch: completion_logprobs(
-            session.model.config, params, batch, self.width, temperature)[0])
+
+        def before_update(trainable, frozen, batch):  # log-probs and values before this round's updates
+            logp, _, values = completion_outputs(session.model.config, session.model_params(trainable, frozen),
+                                                 batch, self.width, temperature, None, trainable.get(VALUE_HEAD))
+            return logp, values
+
+        self.before_update = jax.jit(before_update)
         self.step_sharding = session.state_shardings().step
         example = train_example(cfg, self.width)
         self.batch_shardings = session.batch_shardings(example, len(example["tokens"]))
@@ -126,8 +136,12 @@ class Round:
         groups, tries = self._sample(params, host_batch["record"], key)
         timing = {"time/rollout": groups.pop("rollout_s"), "time/scoring": groups.pop("scoring_s")}
         batch, metrics = self._train_batch(groups, tries)
-        if o.num_iterations > 1:
-            batch["old_logprobs"] = self.old_logprobs(params, batch)
+        if o.num_iterations > 1 or o.advantage == "gae":
+            batch["old_logprobs"], values = self.before_update(state.params, frozen, batch)
+            if o.advantage == "gae":
+                batch.update(ppo_targets(batch, values, o))
+                metrics["values/mean"] = float(jnp.sum(values * batch["completion_mask"]) /
+                                               jnp.maximum(batch["completion_mask"].sum(), 1))
         update_clock = time.perf_counter()
         state, update_metrics = self._update(state, frozen, batch, key)
         jax.block_until_ready(state.params)
@@ -177,10 +191,12 @@ class Round:
         mask = np.arange(out.tokens.shape[1])[None] < lengths[:, None]
         if o.mask_truncated_completions:
             mask &= ~truncated[:, None]
-        advantages = group_advantages(jnp.asarray(scores.total), group, o.advantage, scale_rewards=o.scale_rewards,
-                                      ddof=o.std_ddof)
         batch = train_rows(jnp.asarray(g["prompts"]), jnp.asarray(g["prompt_lengths"]), out, group, jnp.asarray(mask))
-        batch["advantages"] = advantages.astype(jnp.float32)
+        if o.advantage == "gae":  # per-token advantages come from the value head (ppo_targets)
+            batch["rewards"] = jnp.asarray(scores.total, jnp.float32)
+        else:
+            batch["advantages"] = group_advantages(jnp.asarray(scores.total), group, o.advantage,
+                                                   scale_rewards=o.scale_rewards, ddof=o.std_ddof).astype(jnp.float32)
         metrics = {**rewards_lib.metrics(scores), "completion_tokens": int(lengths.sum()),
                    "completion_length/mean": float(lengths.mean()), "completion_length/max": int(lengths.max()),
                    "completion_length/clipped_fraction": float(truncated.mean()),
@@ -224,6 +240,16 @@ def _choose_groups(parts: list[dict], wanted: int, group: int, dynamic: bool) ->
             "rollout": picked, "scores": scores, "informative": informative[chosen]}
 
 
+def ppo_targets(batch: dict, values, o) -> dict:
+    """PPO's per-token targets: each completion's reward at its last token (0 before), GAE advantages with
+    rl.gamma and rl.lam (whitened over the completion tokens), returns = advantages + values, and the old values."""
+    mask = batch["completion_mask"]
+    last = (jnp.cumsum(mask, axis=1) == mask.sum(axis=1, keepdims=True)) & (mask > 0)
+    rewards = jnp.where(last, batch.pop("rewards")[:, None], 0.0)
+    advantages, returns = gae(rewards, values, mask, o.gamma, o.lam)
+    return {"advantages": whiten(advantages, mask), "returns": returns, "old_values": values}
+
+
 def rollout_sampling(cfg: Config, session: Session) -> SamplingParams:
     """sampling: with rl's group size, completion and prompt lengths, stopping at the tokenizer's stop ids."""
     sampling = SamplingParams.from_section(cfg.sampling, cfg.seed).replace(
@@ -245,8 +271,12 @@ def train_example(cfg: Config, width: int) -> dict:
                           "optimizer step")
     n = o.max_completion_length
     example = {k: np.zeros((rows, width + n), np.int32) for k in ("tokens", "positions", "segment_ids")}
-    example.update(completion_mask=np.zeros((rows, n), np.int32), advantages=np.zeros(rows, np.float32))
-    if o.num_iterations > 1:
+    example["completion_mask"] = np.zeros((rows, n), np.int32)
+    if o.advantage == "gae":
+        example.update({k: np.zeros((rows, n), np.float32) for k in ("advantages", "returns", "old_values")})
+    else:
+        example["advantages"] = np.zeros(rows, np.float32)
+    if o.num_iterations > 1 or o.advantage == "gae":
         example["old_logprobs"] = np.zeros((rows, n), np.float32)
     return example
 
@@ -287,7 +317,7 @@ def run_rl(cfg: Config) -> LoopResult:
     if jax.process_count() > 1:
         raise ConfigError("polm rl runs on one process (all its local devices) for now; multi-host RL is not supported")
     o = cfg.rl
-    session = Session.create(cfg, reference=o.beta > 0 and not cfg.lora.rank)
+    session = Session.create(cfg, reference=o.beta > 0 and not cfg.lora.rank, value_head=o.advantage == "gae")
     source = open_sources(cfg.data.train, cfg.data, key="data.train")
     if len(source) < cfg.train.batch_size:
         raise DataError(f"data.train has {len(source)} records, fewer than train.batch_size={cfg.train.batch_size} "

@@ -69,9 +69,23 @@ class ParamLayout:
     lora_scale: float | None  # alpha / rank when LoRA is on
 
 
-def param_layout(cfg: Config, config: ModelConfig, mesh, *, reference: bool = False) -> ParamLayout:
+VALUE_HEAD = "value_head"  # PPO's critic: a vector [D] on the policy's final hidden states, trained with it
+
+
+def param_layout(cfg: Config, config: ModelConfig, mesh, *, reference: bool = False,
+                 value_head: bool = False) -> ParamLayout:
     """The trainable/frozen split of `config`'s params on `mesh` under cfg.lora and cfg.mesh.rules; `reference`
-    keeps a frozen copy of the full params in full fine-tuning."""
+    keeps a frozen copy of the full params in full fine-tuning; `value_head` adds a trainable VALUE_HEAD [D]."""
+    layout = _model_layout(cfg, config, mesh, reference)
+    if value_head:
+        head = jax.ShapeDtypeStruct((config.hidden_size,), jnp.float32)
+        layout.trainable_shapes = {**layout.trainable_shapes, VALUE_HEAD: head}
+        layout.trainable_shardings = {**layout.trainable_shardings,
+                                      VALUE_HEAD: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+    return layout
+
+
+def _model_layout(cfg: Config, config: ModelConfig, mesh, reference: bool) -> ParamLayout:
     rules = cfg.mesh.rules
     shapes, shardings = param_shapes(config), api.param_shardings(config, mesh, rules)
     if not cfg.lora.rank:
@@ -85,8 +99,15 @@ def param_layout(cfg: Config, config: ModelConfig, mesh, *, reference: bool = Fa
 
 
 def combine_params(lora_scale: float | None, trainable: dict, frozen: dict) -> dict:
-    """The params the model reads: adapters applied to the frozen base with LoRA, else the trainable params."""
+    """The params the model reads: adapters applied to the frozen base with LoRA, else the trainable params (a
+    value head, not part of the model, left out)."""
+    trainable = model_part(trainable)
     return trainable if lora_scale is None else lora.apply(frozen, trainable, lora_scale)
+
+
+def model_part(trainable: dict) -> dict:
+    """The trainable params without the value head."""
+    return {k: v for k, v in trainable.items() if k != VALUE_HEAD}
 
 
 def model_config(cfg: Config) -> ModelConfig:
@@ -109,14 +130,15 @@ class Session:
     optimizer: optax.GradientTransformation
 
     @classmethod
-    def create(cls, cfg: Config, *, reference: bool = False) -> Session:
+    def create(cls, cfg: Config, *, reference: bool = False, value_head: bool = False) -> Session:
         """Sets up the run; `reference`: keep the initial weights as frozen params (a copy in full fine-tuning; with
-        LoRA the frozen base already is the model with adapters off)."""
+        LoRA the frozen base already is the model with adapters off); `value_head`: train a VALUE_HEAD [D] (zeros
+        at the start) with the model (PPO)."""
         mesh = parallel.mesh_from_config(cfg.mesh)
         model = configured_model(cfg, mesh)
         if cfg.lora.rank:
             model.config = model.config.replace(lora_dropout=cfg.lora.dropout)
-        layout = param_layout(cfg, model.config, mesh, reference=reference)
+        layout = param_layout(cfg, model.config, mesh, reference=reference, value_head=value_head)
         if cfg.lora.rank:
             full = lora.trained_in_full(model.config)
             adapter_shardings = {k: v for k, v in layout.trainable_shardings.items() if k not in full}
@@ -129,6 +151,10 @@ class Session:
             if reference:  # a copy: the trainable params are donated to the step
                 copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=layout.frozen_shardings)
                 frozen = copy(model.params)
+        if value_head:
+            zeros = jax.jit(lambda: jnp.zeros((model.config.hidden_size,), jnp.float32),
+                            out_shardings=layout.trainable_shardings[VALUE_HEAD])
+            trainable = {**trainable, VALUE_HEAD: zeros()}
         optimizer = make_optimizer(cfg.optim, cfg.train.steps)
         return cls(cfg, mesh, model, model.tokenizer, layout, trainable, frozen, optimizer)
 
@@ -145,10 +171,10 @@ class Session:
         return combine_params(self.layout.lora_scale, trainable, frozen)
 
     def final_params(self, trainable: dict) -> dict:
-        """Full model params for export: adapters merged into the base with LoRA."""
+        """Full model params for export: adapters merged into the base with LoRA (a value head left out)."""
         if self.layout.lora_scale is None:
-            return trainable
-        return lora.merge(self.frozen, trainable, self.layout.lora_scale)
+            return model_part(trainable)
+        return lora.merge(self.frozen, model_part(trainable), self.layout.lora_scale)
 
     # -------------------------------------------------------------------------------------------- batches
 

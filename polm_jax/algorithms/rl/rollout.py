@@ -5,7 +5,9 @@ A train batch holds R = B * G rows, each a left-padded prompt [P] followed by it
     tokens [R, P + N], positions, segment_ids (1 on real tokens, 0 on padding)   the model's input
     completion_mask [R, N]      the completion's tokens (the stopping EOS included) that the loss covers
     advantages [R]              one advantage per completion (GRPO family), the same for each of its tokens
-    old_logprobs [R, N]         the policy's log-probs before this batch's updates (only when num_iterations > 1)
+    old_logprobs [R, N]         the policy's log-probs before this batch's updates (num_iterations > 1, or PPO)
+    old_values, returns [R, N]  PPO: the value head's estimates before the updates and the GAE returns; its
+                                advantages are then per token [R, N]
 
 The loss scores only the completion columns: hidden states P-1 .. P+N-2 predict tokens P .. P+N-1.
 """
@@ -17,12 +19,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from polm_jax.algorithms.rl.policy_loss import policy_loss
+from polm_jax.algorithms.rl.policy_loss import policy_loss, value_loss
 from polm_jax.config import RLSection
 from polm_jax.models.config import ModelConfig
 from polm_jax.models.transformer import forward, lm_head
 from polm_jax.ops.logprob import token_logprobs
 from polm_jax.sampling.engine import Rollout
+from polm_jax.train.session import VALUE_HEAD
 
 
 def train_rows(prompts, prompt_lengths, rollout: Rollout, group_size: int, completion_mask) -> dict:
@@ -38,14 +41,17 @@ def train_rows(prompts, prompt_lengths, rollout: Rollout, group_size: int, compl
             "segment_ids": segment_ids, "completion_mask": completion_mask.astype(jnp.int32)}
 
 
-def completion_logprobs(config: ModelConfig, params: dict, batch: dict, prompt_width: int, temperature: float,
-                        rng=None):
-    """(log-probs, entropies) [R, N] of each completion token under the policy at the sampling temperature."""
+def completion_outputs(config: ModelConfig, params: dict, batch: dict, prompt_width: int, temperature: float,
+                       rng=None, value_head=None):
+    """(log-probs, entropies, values or None) [R, N] of each completion token under the policy at the sampling
+    temperature; values (PPO) are value_head [D] on the hidden state before each token."""
     hidden = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
-                     dropout_rng=rng)
-    return token_logprobs(hidden[:, prompt_width - 1:-1], lm_head(config, params), batch["tokens"][:, prompt_width:],
-                          softcap=config.final_softcap, temperature=temperature, impl=config.logprob_impl,
-                          return_entropy=True)
+                     dropout_rng=rng)[:, prompt_width - 1:-1]
+    logp, entropy = token_logprobs(hidden, lm_head(config, params), batch["tokens"][:, prompt_width:],
+                                   softcap=config.final_softcap, temperature=temperature, impl=config.logprob_impl,
+                                   return_entropy=True)
+    values = None if value_head is None else jnp.einsum("rnd,d->rn", hidden.astype(jnp.float32), value_head)
+    return logp, entropy, values
 
 
 def rl_loss(config: ModelConfig, model_params: Callable[[dict, dict], dict], options: RLSection, *,
@@ -53,16 +59,23 @@ def rl_loss(config: ModelConfig, model_params: Callable[[dict, dict], dict], opt
     """The loss_fn for make_train_step over train batches (module doc): the clipped policy loss of
     polm_jax.algorithms.rl.policy_loss, with the KL to the reference (the `frozen` params: the LoRA base or a
     frozen copy) when options.beta > 0. Without old_logprobs in the batch (num_iterations = 1) the ratio is taken
-    against the log-probs themselves, detached: exactly 1, so the gradient is REINFORCE with the baseline."""
+    against the log-probs themselves, detached: exactly 1, so the gradient is REINFORCE with the baseline.
+    With a value head in the params (PPO), plus vf_coef times the clipped value loss, each term its own mean."""
 
     def loss_fn(params, frozen, batch, rng):
-        logp, entropy = completion_logprobs(config, model_params(params, frozen), batch, prompt_width, temperature,
-                                            rng)
+        logp, entropy, values = completion_outputs(config, model_params(params, frozen), batch, prompt_width,
+                                                   temperature, rng, params.get(VALUE_HEAD))
         old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logp)
         ref = None
         if options.beta > 0:
-            ref = jax.lax.stop_gradient(completion_logprobs(config, frozen, batch, prompt_width, temperature)[0])
-        return policy_loss(logp, old, batch["advantages"], batch["completion_mask"], options, ref_logp=ref,
-                           entropy=jax.lax.stop_gradient(entropy))
+            ref = jax.lax.stop_gradient(completion_outputs(config, frozen, batch, prompt_width, temperature)[0])
+        total, count, metrics = policy_loss(logp, old, batch["advantages"], batch["completion_mask"], options,
+                                            ref_logp=ref, entropy=jax.lax.stop_gradient(entropy))
+        if values is None:
+            return total, count, metrics
+        v_total, v_count, v_metrics = value_loss(values, batch["old_values"], batch["returns"],
+                                                 batch["completion_mask"], options.cliprange_value)
+        scale = options.vf_coef * count / jnp.maximum(v_count, 1.0)  # the value loss's mean, in the policy's units
+        return total + scale * v_total, count, {**metrics, **v_metrics, "value_loss": (v_total, v_count)}
 
     return loss_fn
