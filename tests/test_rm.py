@@ -18,6 +18,7 @@ from polm_jax.algorithms.reward_model import (
     sequence_scores,
     token_scores,
 )
+from polm_jax.algorithms.rl.rewards import resolve_reward
 from polm_jax.config import DataSection, PreferenceSection
 from polm_jax.data.pipeline import encode_example
 from polm_jax.data.preference import preference_dataset
@@ -94,6 +95,9 @@ def test_reward_model_learns_the_held_out_preference_and_scores_completions_for_
     rewards = np.array(score(prompts, [r["chosen"] for r in held_out] + [r["rejected"] for r in held_out]))
     assert rewards.shape == (80,)
     assert np.mean(rewards[:40] > rewards[40:]) >= 0.9
+    as_rl_reward = resolve_reward("reward_model", reward_model=str(tmp_path / "run" / "final"))
+    np.testing.assert_allclose(as_rl_reward(prompts[:3], ["even", "odd", "even"]),
+                               score(prompts[:3], ["even", "odd", "even"]), rtol=1e-5)
 
 
 def test_lora_reward_model_trains_adapters_and_the_head_and_exports_merged(tmp_path):

@@ -38,7 +38,7 @@ from polm_jax.errors import DataError
 
 SPEC_FORMS = "x.jsonl, x.array_record (or a glob of either), tfds:NAME[:SPLIT] or synthetic:TASK[:N[:SEED]]"
 SYNTHETIC_TASKS = {"arithmetic": synthetic.arithmetic, "arithmetic_pairs": synthetic.arithmetic_pairs,
-                   "arithmetic_kto": synthetic.arithmetic_kto}
+                   "arithmetic_kto": synthetic.arithmetic_kto, "parity_pairs": synthetic.parity_pairs}
 SYNTHETIC_DEFAULT_N = 2000
 _TFDS_SPEC = re.compile(r"tfds:(?P<name>[^:\[\]]+(?::[0-9*]+\.[0-9*]+\.[0-9*]+)?)(?::(?P<split>.+))?")
 _SCAN_CHUNK = 1 << 22  # bytes read at a time while indexing a JSONL file

@@ -3,6 +3,7 @@
     arithmetic(3)        # [{"prompt": "What is 37 + 5?", "completion": "42", "answer": "42"}, ...]
     arithmetic_pairs(3)  # [{"prompt": "What is 37 + 5?", "chosen": "42", "rejected": "43", "answer": "42"}, ...]
     arithmetic_kto(3)    # [{"prompt": ..., "completion": "42" or a wrong result, "label": True or False}, ...]
+    parity_pairs(3)      # [{"prompt": "Is 4817 even or odd? Its last digit is 7: ", "chosen": "odd", ...}, ...]
 
 `answer` is the ground truth a reward function checks (RL); `completion` is the SFT target.
 """
@@ -60,4 +61,17 @@ def arithmetic_kto(n: int, seed: int = 0) -> list[dict]:
         good = rng.random() < 0.5
         out.append({"prompt": r["prompt"], "completion": r["answer"] if good else wrong_answer(r["answer"], rng),
                     "label": good, "answer": r["answer"]})
+    return out
+
+
+def parity_pairs(n: int, seed: int = 0) -> list[dict]:
+    """`n` preference records: say whether a number (its last digit given) is even or odd, the right word chosen.
+    Small models learn it in a few hundred steps (a reward model or DPO sanity task)."""
+    rng = random.Random(seed + 3_000_017)
+    out = []
+    for _ in range(n):
+        x = rng.randint(0, 9999)
+        right, wrong = ("even", "odd") if x % 2 == 0 else ("odd", "even")
+        out.append({"prompt": f"Is {x} even or odd? Its last digit is {x % 10}: ", "chosen": right,
+                    "rejected": wrong, "answer": right})
     return out
