@@ -77,7 +77,7 @@ def test_eval_names_a_record_without_a_prompt(tmp_path, capsys):
 
 def test_the_gsm8k_config_reads_and_maps_its_columns():
     cfg = load_config(Config, os.path.join(CONFIGS, "eval_qwen2.5-0.5b_gsm8k.yaml"))
-    assert cfg.data.eval == ["tfds:gsm8k/main:test"] and cfg.data.columns == {"question": "prompt"}
+    assert cfg.data.eval == ["tfds:gsm8k:test"] and cfg.data.columns == {"question": "prompt"}
     assert cfg.eval.chat and cfg.sampling.temperature == 0.0 and cfg.eval.metric == "exact_match"
 
 

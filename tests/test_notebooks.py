@@ -37,7 +37,21 @@ def _check_dpo(text: str) -> None:
     assert float(_line(text, "final held-out reward accuracy: ")) >= 0.9
 
 
-CHECKS = {"quickstart.ipynb": _check_quickstart, "sft_lora.ipynb": _check_sft_lora, "dpo.ipynb": _check_dpo}  # notebook -> its output check
+def _check_grpo_gsm8k(text: str) -> None:
+    run, total = map(int, _line(text, "steps run: ").split(" of "))
+    assert run == total > 0
+    first, last = map(float, _line(text, "reward mean first/last: ").split())
+    assert 0.0 <= first <= 1.0 and 0.0 <= last <= 1.0
+    informative, groups = map(int, _line(text, "informative groups: ").split(" of "))
+    assert 0 < informative <= groups, "some groups had mixed rewards, so the policy got a gradient"
+    assert _line(text, "metrics finite: ") == "True"
+    before, after = map(float, _line(text, "held-out accuracy before/after: ").split())
+    assert 0.0 < before <= 1.0 and 0.0 <= after <= 1.0, "the stand-in base answers some held-out questions right"
+    assert {"params", "polm_model.json", "tokenizer"} <= set(ast.literal_eval(_line(text, "exported: ")))
+
+
+CHECKS = {"quickstart.ipynb": _check_quickstart, "sft_lora.ipynb": _check_sft_lora, "dpo.ipynb": _check_dpo,
+          "grpo_gsm8k.ipynb": _check_grpo_gsm8k}  # notebook -> its output check
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

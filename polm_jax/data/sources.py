@@ -1,12 +1,12 @@
 """Record sources: random access to the records of JSONL files, TFDS datasets, ArrayRecord files and
 synthetic tasks, as grain's data sources read them (`len(source)`, `source[i]`, from several threads).
 
-    source = open_sources(["data/train-*.jsonl", "tfds:gsm8k/main:train"], config.data)
+    source = open_sources(["data/train-*.jsonl", "tfds:gsm8k:train"], config.data)
     source[0]  # {"question": ..., "answer": ..., "_where": "data/train-00.jsonl:1"}
 
 Spec forms (data.train, data.eval):
 - `x.jsonl`, or a glob of them (files in sorted order): one JSON object per non-blank line, parsed when read;
-- `tfds:NAME[:SPLIT]` (split default train; NAME as TFDS spells it, e.g. `gsm8k/main:1.0.0`): a TFDS
+- `tfds:NAME[:SPLIT]` (split default train; NAME as TFDS spells it, e.g. `gsm8k`): a TFDS
   dataset prepared as array_record files in data.tfds_data_dir, read without TensorFlow;
 - `x.array_record`, or a glob of them: each record one UTF-8 JSON object (as `write_array_record` writes);
 - `synthetic:TASK[:N[:SEED]]` (N default 2000, seed 0): made on the spot by polm_jax.data.synthetic; TASK is
@@ -275,7 +275,7 @@ class ArrayRecordSource(RecordSource):
 def _open_tfds(spec: str, section: DataSection) -> RecordSource:
     match = _TFDS_SPEC.fullmatch(spec)
     if not match:
-        raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], e.g. tfds:gsm8k/main:train")
+        raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], e.g. tfds:gsm8k:train")
     return TfdsSource(match["name"], match["split"] or "train", section.tfds_data_dir, section.columns, spec)
 
 
