@@ -150,7 +150,7 @@ class Round:
         generated = metrics["completion_tokens"]
         metrics.update(**update_metrics, **timing, tokens=generated,
                        rollout_tokens_per_s=generated / max(timing["time/rollout"], 1e-9),
-                       round_seconds=time.perf_counter() - clock)
+                       step_seconds=time.perf_counter() - clock)
         return state, metrics
 
     # ------------------------------------------------------------------------------------------- sampling

@@ -103,7 +103,7 @@ def fit(state, frozen, train_step: Callable, batches: Iterator[dict], *, put_bat
         nonlocal clock, last
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
-        seconds, clock = now - clock, now
+        seconds, clock = metrics.get("step_seconds", now - clock), now  # a host-side step (RL) times itself
         if metrics["skipped_nonfinite"] and options.on_nan == "stop":
             raise TrainingError(f"step {step}: the loss or gradient is not finite (loss {metrics['loss']}, grad norm "
                                 f"{metrics['grad_norm']}); stopped before saving anything from this step. Lower "
