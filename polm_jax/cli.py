@@ -1,4 +1,4 @@
-"""The `polm` command: `sft`, `dpo`, `rm`, `rl`, `generate`, `eval`, `plan`, `info` and `convert` (later: demo)."""
+"""The `polm` command: `demo`, `sft`, `dpo`, `rm`, `rl`, `generate`, `eval`, `plan`, `info` and `convert`."""
 
 from __future__ import annotations
 
@@ -177,6 +177,13 @@ def cmd_rl(args) -> None:
     _train_and_report(run_rl, _config(args), ("reward/mean", "accuracy", "loss", "kl", "eval_reward", "eval_accuracy"))
 
 
+def cmd_demo(args) -> None:
+    """The embedded default: SFT -> DPO -> GRPO of a tiny model on arithmetic made on the spot; prints a table."""
+    from polm_jax.recipes.demo import QUICK, run_demo
+
+    run_demo(args.output_dir, seed=args.seed, scale=QUICK if args.quick else 1.0)
+
+
 def _simulate_devices(count: int) -> None:
     """Plans on `count` fake CPU devices (set before JAX starts its backend)."""
     flag = f"--xla_force_host_platform_device_count={count}"
@@ -230,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("rl", help="reasoning RL: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO with reward functions")
     _add_config_args(rl)
     rl.set_defaults(func=cmd_rl)
+    demo = sub.add_parser("demo", help="the embedded default: SFT -> DPO -> GRPO of a tiny model on synthetic arithmetic")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the stages, summary.json and curves.png go")
+    demo.add_argument("--seed", type=int, default=0, help="the run's seed (data, init, sampling)")
+    demo.add_argument("--quick", action="store_true", help="a few steps per stage (tests, CI): the same code path")
+    demo.set_defaults(func=cmd_demo)
     plan = sub.add_parser("plan", help="params, memory per device and FLOPs of a configured train step (no allocation)")
     _add_config_args(plan)
     plan.add_argument("--devices", type=int, help="fake CPU devices to plan on (default: the mesh's size, else 8)")
