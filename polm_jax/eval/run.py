@@ -34,7 +34,8 @@ def _field(record: dict, name: str, hint: str):
     return record[name]
 
 
-def _prompt(record: dict, prompt_format: str) -> str:
+def prompt_text(record: dict, prompt_format: str) -> str:
+    """The record's `prompt` string placed into `prompt_format` ({prompt}); DataError naming the record otherwise."""
     prompt = _field(record, "prompt", "rename the question field with data.columns, e.g. {question: prompt}")
     if not isinstance(prompt, str):
         raise DataError(f"{record['_where']}: 'prompt' must be a string, got {type(prompt).__name__}")
@@ -60,7 +61,7 @@ def run_eval(cfg: Config) -> dict:
                  disable=not (cfg.eval.progress and writer)) as bar:
         for start in range(0, count, cfg.eval.batch_size):
             records = [source[i] for i in range(start, min(start + cfg.eval.batch_size, count))]
-            prompts = [_prompt(r, cfg.eval.prompt_format) for r in records]
+            prompts = [prompt_text(r, cfg.eval.prompt_format) for r in records]
             golds = [gold_answer(str(_field(r, cfg.eval.answer_field, "set eval.answer_field"))) for r in records]
             completions = generate_text(model, prompts, sampling.replace(seed=sampling.seed + start), chat=cfg.eval.chat,
                                         stop=cfg.sampling.stop, mesh=mesh, rules=cfg.mesh.rules)

@@ -29,6 +29,7 @@ from polm_jax.algorithms.rl.rollout import completion_outputs, rl_loss, train_ro
 from polm_jax.config import Config
 from polm_jax.data.sources import open_sources
 from polm_jax.errors import ConfigError, DataError
+from polm_jax.eval.run import prompt_text
 from polm_jax.sampling.engine import Rollout, make_rollout
 from polm_jax.sampling.generate import max_prompt_length
 from polm_jax.sampling.params import SamplingParams
@@ -68,18 +69,10 @@ class Prompts:
         self.config = session.model.config
         self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
 
-    def text(self, record: dict) -> str:
-        prompt = record.get("prompt")
-        if not isinstance(prompt, str):
-            found = sorted(k for k in record if k != "_where")
-            raise DataError(f"{record.get('_where', 'record')}: needs a string 'prompt' field (found {found}); "
-                            "rename the question field with data.columns, e.g. {question: prompt}")
-        return self.cfg.rl.prompt_format.replace("{prompt}", prompt)
-
     def encode(self, indices, sampling: SamplingParams):
         """(texts, records, tokens [B, P] int32, lengths [B] int32) of the records at `indices`; P is fixed."""
         records = [self.source[int(i)] for i in indices]
-        texts = [self.text(r) for r in records]
+        texts = [prompt_text(r, self.cfg.rl.prompt_format) for r in records]
         width = max_prompt_length(self.config, sampling)
         tokens = np.full((len(records), width), self.pad, np.int32)
         lengths = np.zeros(len(records), np.int32)
@@ -108,7 +101,7 @@ class Prompts:
 class Round:
     """The loop step of RL (see the module doc): `round(state, frozen, {"record": indices}) -> (state, metrics)`."""
 
-    def __init__(self, cfg: Config, session: Session, prompts: Prompts, batches, train_step):
+    def __init__(self, cfg: Config, session: Session, prompts: Prompts, batches, example: dict, train_step):
         self.cfg, self.o, self.session, self.prompts, self.batches = cfg, cfg.rl, session, prompts, batches
         self.train_step = train_step
         self.rewards = build_rewards(cfg)
@@ -125,7 +118,6 @@ class Round:
 
         self.before_update = jax.jit(before_update)
         self.step_sharding = session.state_shardings().step
-        example = train_example(cfg, self.width)
         self.batch_shardings = session.batch_shardings(example, len(example["tokens"]))
 
     def __call__(self, state, frozen, host_batch: dict):
@@ -332,5 +324,6 @@ def run_rl(cfg: Config) -> LoopResult:
     if cfg.data.eval:
         eval_source = open_sources(cfg.data.eval, cfg.data, key="data.eval")
         eval_fn = greedy_eval(cfg, session, Prompts(cfg, session, eval_source), eval_source)
-    return session.train(loss_fn, batches, example_batch=train_example(cfg, width), eval_fn=eval_fn,
-                         round_fn=partial(Round, cfg, session, prompts, batches))
+    example = train_example(cfg, width)
+    return session.train(loss_fn, batches, example_batch=example, eval_fn=eval_fn,
+                         round_fn=partial(Round, cfg, session, prompts, batches, example))
